@@ -1,0 +1,100 @@
+"""Input checks shared by attacks, policies and trainers.
+
+Each check runs once per call, outside any step loop, and raises a
+``ValueError`` or ``TypeError`` that names the offending argument. Checks that
+must read tensor values (pixel range, label range) synchronise with the device
+once; hot paths call them only at their entry point.
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+Radius = Union[float, Tensor]
+"""An attack radius in pixel units: a Python number or a tensor broadcastable
+to the batch (one value per example)."""
+
+
+def check_images(x: object, name: str = "x") -> Tensor:
+    """Check that ``x`` is a floating NCHW batch of pixels in [0, 1]."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor of pixels in [0, 1], got dtype {x.dtype}")
+    if x.dim() != 4:
+        raise ValueError(f"{name} must have shape (N, C, H, W), got {tuple(x.shape)}")
+    if x.numel() > 0:
+        lo, hi = torch.aminmax(x.detach())
+        lo_v, hi_v = float(lo), float(hi)
+        if not (lo_v >= 0.0 and hi_v <= 1.0):
+            raise ValueError(
+                f"{name} must hold pixels in [0, 1] (normalization belongs inside the model), "
+                f"got values in [{lo_v:.4g}, {hi_v:.4g}]"
+            )
+    return x
+
+
+def check_labels(y: object, batch_size: int, num_classes: Optional[int] = None, name: str = "y") -> Tensor:
+    """Check that ``y`` is an integer vector of ``batch_size`` class indices."""
+    if not isinstance(y, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of class indices, got {type(y).__name__}")
+    if y.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+        raise TypeError(f"{name} must hold integer class indices, got dtype {y.dtype}")
+    if y.dim() != 1 or y.shape[0] != batch_size:
+        raise ValueError(f"{name} must have shape ({batch_size},) to match the batch, got {tuple(y.shape)}")
+    if y.numel() > 0:
+        lo, hi = int(y.min()), int(y.max())
+        if lo < 0 or (num_classes is not None and hi >= num_classes):
+            bound = f"[0, {num_classes - 1}]" if num_classes is not None else ">= 0"
+            raise ValueError(f"{name} holds labels in [{lo}, {hi}], outside the valid range {bound}")
+    return y
+
+
+def check_radius(eps: object, name: str = "eps") -> Radius:
+    """Check that a radius (ε or a step size) is finite and non-negative."""
+    if isinstance(eps, Tensor):
+        if not eps.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got dtype {eps.dtype}")
+        if eps.numel() > 0:
+            lo = float(eps.detach().min())
+            if not (lo >= 0.0) or not bool(torch.isfinite(eps).all()):
+                raise ValueError(f"{name} must be finite and >= 0 (pixel units), got a minimum of {lo}")
+        return eps
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"{name} must be a number or a tensor, got {type(eps).__name__}")
+    if not (eps >= 0.0) or eps == float("inf"):
+        raise ValueError(f"{name} must be finite and >= 0 (pixel units), got {eps}")
+    return float(eps)
+
+
+def check_positive_int(value: object, name: str, minimum: int = 1) -> int:
+    """Check that ``value`` is an integer >= ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def check_choice(value: object, name: str, choices: tuple) -> str:
+    """Check that ``value`` is one of ``choices``."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+    return value  # type: ignore[return-value]
+
+
+def per_example(value: Radius, x: Tensor) -> Tensor:
+    """Return ``value`` as a float32 tensor of shape (N, 1, 1, 1) on ``x``'s device.
+
+    A scalar is broadcast to every example; a tensor must hold one value per
+    example (shape (N,) or (N, 1, 1, 1)) or a single value.
+    """
+    n = x.shape[0]
+    t = torch.as_tensor(value, dtype=torch.float32, device=x.device)
+    if t.numel() == 1:
+        return t.reshape(1, 1, 1, 1).expand(n, 1, 1, 1)
+    if t.numel() != n:
+        raise ValueError(f"a per-example radius needs {n} values (one per example), got shape {tuple(t.shape)}")
+    return t.reshape(n, 1, 1, 1)

@@ -1,0 +1,110 @@
+"""The :class:`Attack` interface: a stateless map ``(model, x, y) -> x_adv``."""
+from __future__ import annotations
+
+import abc
+from contextlib import contextmanager
+from typing import Iterator, Literal
+
+import torch
+from torch import Tensor, nn
+
+from .._validation import Radius, check_choice, check_images, check_labels, check_radius
+
+BNMode = Literal["eval", "train", "keep"]
+BN_MODES = ("eval", "train", "keep")
+
+
+@contextmanager
+def model_mode(model: nn.Module, mode: BNMode) -> Iterator[None]:
+    """Put ``model`` in ``mode`` for the duration of the block and restore every
+    submodule's own train/eval flag afterwards, even on error.
+
+    ``"eval"`` uses BatchNorm running statistics (and disables dropout);
+    ``"train"`` uses batch statistics and, like an ordinary training forward,
+    updates the running statistics; ``"keep"`` leaves the model as it is.
+    """
+    if mode == "keep":
+        yield
+        return
+    saved = [(m, m.training) for m in model.modules()]
+    model.train(mode == "train")
+    try:
+        yield
+    finally:
+        for m, flag in saved:
+            m.training = flag
+
+
+class Attack(abc.ABC):
+    """A stateless adversarial attack.
+
+    ``attack(model, x, y)`` returns adversarial images ``x_adv`` for a classifier
+    ``model`` that maps pixels in [0, 1] (N, C, H, W) to logits. Every attack
+    keeps this contract:
+
+    * ``x_adv`` lies inside the attack's ε-ball around ``x`` and inside [0, 1];
+    * the model's parameters' ``.grad`` are never written (input gradients come
+      from :func:`torch.autograd.grad`);
+    * the model's train/eval flags are restored; ``bn_mode`` says which mode
+      the attack itself runs in;
+    * it runs under the caller's :func:`torch.autocast`, keeping the
+      perturbation in float32;
+    * ``eps`` may be a tensor with one radius per example.
+
+    Subclasses implement :meth:`perturb`; inputs are validated once, here.
+
+    Args:
+        eps: radius of the threat model in pixel units (8/255 for CIFAR-10 L∞).
+        bn_mode: ``"eval"``, ``"train"`` or ``"keep"`` (see :func:`model_mode`).
+        check_inputs: validate pixel range and labels on every call (one host
+            synchronisation per call, never inside the step loop).
+    """
+
+    def __init__(self, eps: Radius, *, bn_mode: BNMode = "eval", check_inputs: bool = True) -> None:
+        self.eps = check_radius(eps, "eps")
+        self.bn_mode: BNMode = check_choice(bn_mode, "bn_mode", BN_MODES)  # type: ignore[assignment]
+        self.check_inputs = bool(check_inputs)
+
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if self.check_inputs:
+            check_images(x, "x")
+            check_labels(y, x.shape[0], name="y")
+        elif x.dim() != 4:
+            raise ValueError(f"x must have shape (N, C, H, W), got {tuple(x.shape)}")
+        x = x.detach()
+        with model_mode(model, self.bn_mode), torch.enable_grad():
+            x_adv = self.perturb(model, x, y)
+        return x_adv.detach()
+
+    @abc.abstractmethod
+    def perturb(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        """Return adversarial images for a validated batch; the model is already
+        in the requested mode and gradients are enabled."""
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({fields})"
+
+
+def input_gradient(loss: Tensor, delta: Tensor) -> Tensor:
+    """Gradient of a summed loss with respect to ``delta`` only; no parameter
+    ``.grad`` is written and no weight-gradient kernels run."""
+    (g,) = torch.autograd.grad(loss, [delta])
+    return g
+
+
+def clip_to_ball_and_box(x: Tensor, delta: Tensor, eps: Tensor, norm: str, *, project: bool = True) -> Tensor:
+    """Project ``delta`` onto the ε-ball (when ``project``) and so that
+    ``x + delta`` stays in [0, 1]. ``eps`` has shape (N, 1, 1, 1)."""
+    if project:
+        if norm == "linf":
+            delta = torch.maximum(torch.minimum(delta, eps), -eps)
+        else:
+            norms = delta.flatten(1).norm(p=2, dim=1).view(-1, 1, 1, 1)
+            delta = delta * torch.clamp(eps / (norms + 1e-12), max=1.0)
+    return (x + delta).clamp_(0.0, 1.0) - x
+
+
+__all__ = ["Attack", "BNMode", "model_mode", "input_gradient", "clip_to_ball_and_box"]

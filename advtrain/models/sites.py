@@ -1,0 +1,161 @@
+"""Perturbation sites: named points inside a model where an additive
+perturbation can be injected and whose activation (and so its gradient) can be
+read.
+
+advtrain's own models declare their sites with :class:`SiteModule`; any other
+model gets sites by module name through :func:`attach_sites` (a forward hook on
+the module's input or output). A site is the identity unless a perturbation is
+set for the current forward pass (:func:`perturb_sites`); :func:`capture_sites`
+records the activations flowing through the sites so that
+``torch.autograd.grad(loss, list(activations.values()))`` gives the activation
+gradients.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Dict, Iterator, List, Literal, Mapping, Optional, Sequence
+
+from torch import Tensor, nn
+
+_ATTACHED = "_advtrain_attached_sites"
+
+
+class Site:
+    """State of one perturbation site for the current forward pass."""
+
+    __slots__ = ("name", "delta", "capturing", "activation")
+
+    def __init__(self, name: str = "") -> None:
+        self.name = name
+        self.delta: Optional[Tensor] = None
+        self.capturing = False
+        self.activation: Optional[Tensor] = None
+
+    def __call__(self, h: Tensor) -> Tensor:
+        if self.capturing:
+            self.activation = h
+        if self.delta is not None:
+            if self.delta.shape[1:] != h.shape[1:]:
+                raise ValueError(
+                    f"perturbation for site {self.name!r} has shape {tuple(self.delta.shape)}, "
+                    f"but the activation there has shape {tuple(h.shape)}"
+                )
+            h = h + self.delta.to(h.dtype)
+        return h
+
+
+class SiteModule(nn.Module):
+    """An identity layer that marks a perturbation site inside a model.
+
+    Its site's name is the module's qualified name in the model (for example
+    ``"layer1.0.site"``).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.site = Site()
+
+    def forward(self, h: Tensor) -> Tensor:
+        return self.site(h)
+
+
+def find_sites(model: nn.Module) -> Dict[str, Site]:
+    """All sites of ``model`` by name: declared :class:`SiteModule` layers and
+    sites attached with :func:`attach_sites`, in forward-definition order."""
+    sites: Dict[str, Site] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, SiteModule):
+            module.site.name = name
+            sites[name] = module.site
+        attached = getattr(module, _ATTACHED, None)
+        if attached:
+            prefix = f"{name}." if name else ""
+            for sub, site in attached.items():
+                site.name = prefix + sub
+                sites[site.name] = site
+    return sites
+
+
+def attach_sites(
+    model: nn.Module, module_names: Sequence[str], *, where: Literal["input", "output"] = "output"
+) -> List[str]:
+    """Attach a site to each named submodule of ``model`` and return the site
+    names (the module names).
+
+    ``where="output"`` perturbs/captures the module's output; ``"input"`` its
+    first positional input. Attaching twice to the same module is an error.
+    """
+    if where not in ("input", "output"):
+        raise ValueError(f"where must be 'input' or 'output', got {where!r}")
+    modules = dict(model.named_modules())
+    missing = [n for n in module_names if n not in modules or n == ""]
+    if missing:
+        known = [n for n in modules if n][:20]
+        raise ValueError(f"no module named {missing!r} in the model; some module names: {known}")
+    attached: Dict[str, Site] = getattr(model, _ATTACHED, None) or {}
+    for name in module_names:
+        if name in attached:
+            raise ValueError(f"a site is already attached to module {name!r}")
+    for name in module_names:
+        site = Site(name)
+        module = modules[name]
+        if where == "output":
+            module.register_forward_hook(lambda _m, _inp, out, s=site: s(out))
+        else:
+            module.register_forward_pre_hook(lambda _m, inp, s=site: (s(inp[0]),) + tuple(inp[1:]))
+        attached[name] = site
+    object.__setattr__(model, _ATTACHED, attached)
+    return list(module_names)
+
+
+def _select(model: nn.Module, names: Optional[Sequence[str]]) -> Dict[str, Site]:
+    sites = find_sites(model)
+    if names is None:
+        return sites
+    unknown = [n for n in names if n not in sites]
+    if unknown:
+        raise ValueError(f"unknown perturbation site(s) {unknown}; the model has {list(sites)}")
+    return {n: sites[n] for n in names}
+
+
+@contextmanager
+def perturb_sites(model: nn.Module, deltas: Mapping[str, Tensor]) -> Iterator[None]:
+    """Add ``deltas[name]`` at each named site during forward passes inside the
+    block. Perturbations broadcast over the batch dimension."""
+    if not deltas:
+        yield
+        return
+    sites = _select(model, list(deltas))
+    for name, site in sites.items():
+        site.delta = deltas[name]
+    try:
+        yield
+    finally:
+        for site in sites.values():
+            site.delta = None
+
+
+@contextmanager
+def capture_sites(model: nn.Module, names: Optional[Sequence[str]] = None) -> Iterator[Dict[str, Tensor]]:
+    """Record the activations at the named sites (all sites when ``names`` is
+    None) of the last forward pass run inside the block.
+
+    The yielded dict is filled when the block exits; take gradients after it::
+
+        with capture_sites(model) as acts:
+            loss = F.cross_entropy(model(x), y)
+        grads = torch.autograd.grad(loss, list(acts.values()))
+    """
+    sites = _select(model, names)
+    out: Dict[str, Tensor] = {}
+    for site in sites.values():
+        site.capturing = True
+        site.activation = None
+    try:
+        yield out
+    finally:
+        for name, site in sites.items():
+            site.capturing = False
+            if site.activation is not None:
+                out[name] = site.activation
+            site.activation = None
