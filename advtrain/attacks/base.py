@@ -66,9 +66,15 @@ class Attack(abc.ABC):
         self.check_inputs = bool(check_inputs)
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        return self.run(model, x, y, check=self.check_inputs)
+
+    def run(self, model: nn.Module, x: Tensor, y: Tensor, *, check: bool = True) -> Tensor:
+        """Attack ``x``; ``check=False`` skips the value checks (pixel and label
+        ranges, one host synchronisation) for callers that validated their data
+        once up front, such as a training loop."""
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if self.check_inputs:
+        if check:
             check_images(x, "x")
             check_labels(y, x.shape[0], name="y")
         elif x.dim() != 4:
