@@ -13,7 +13,7 @@ gradients.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Dict, Iterator, List, Literal, Mapping, Optional, Sequence
+from typing import Dict, Iterator, List, Literal, Mapping, Optional, Sequence, Tuple
 
 from torch import Tensor, nn
 
@@ -35,13 +35,45 @@ class Site:
         if self.capturing:
             self.activation = h
         if self.delta is not None:
-            if self.delta.shape[1:] != h.shape[1:]:
+            d = self.delta
+            same_shape = d.dim() == h.dim() and d.shape[1:] == h.shape[1:]
+            if not same_shape or (d.dim() > 0 and d.shape[0] not in (1, h.shape[0])):
                 raise ValueError(
-                    f"perturbation for site {self.name!r} has shape {tuple(self.delta.shape)}, "
-                    f"but the activation there has shape {tuple(h.shape)}"
+                    f"perturbation for site {self.name!r} has shape {tuple(d.shape)}, "
+                    f"but the activation there has shape {tuple(h.shape)} "
+                    f"(the perturbation's batch size must be 1 or {h.shape[0]})"
                 )
-            h = h + self.delta.to(h.dtype)
+            h = h + d.to(h.dtype)
         return h
+
+
+class _OutputHook:
+    """Forward hook that passes a module's output through a site.
+
+    A module-level class rather than a closure so that ``copy.deepcopy`` and
+    pickling of a model carry the hook's site along with the model's record
+    of attached sites (a closure would keep pointing at the original site).
+    """
+
+    __slots__ = ("site",)
+
+    def __init__(self, site: Site) -> None:
+        self.site = site
+
+    def __call__(self, _module: nn.Module, _inputs: Tuple[object, ...], output: Tensor) -> Tensor:
+        return self.site(output)
+
+
+class _InputHook:
+    """Forward pre-hook that passes a module's first positional input through a site."""
+
+    __slots__ = ("site",)
+
+    def __init__(self, site: Site) -> None:
+        self.site = site
+
+    def __call__(self, _module: nn.Module, inputs: Tuple[object, ...]) -> Tuple[object, ...]:
+        return (self.site(inputs[0]),) + tuple(inputs[1:])  # type: ignore[arg-type]
 
 
 class SiteModule(nn.Module):
@@ -61,19 +93,24 @@ class SiteModule(nn.Module):
 
 def find_sites(model: nn.Module) -> Dict[str, Site]:
     """All sites of ``model`` by name: declared :class:`SiteModule` layers and
-    sites attached with :func:`attach_sites`, in forward-definition order."""
-    sites: Dict[str, Site] = {}
-    for name, module in model.named_modules():
+    sites attached with :func:`attach_sites`, in module-definition order (the
+    order of ``model.named_modules()``, an attached site taking its target
+    module's place)."""
+    modules = list(model.named_modules())
+    position = {name: i for i, (name, _) in enumerate(modules)}
+    found: List[Tuple[int, str, Site]] = []
+    for name, module in modules:
         if isinstance(module, SiteModule):
             module.site.name = name
-            sites[name] = module.site
+            found.append((position[name], name, module.site))
         attached = getattr(module, _ATTACHED, None)
         if attached:
             prefix = f"{name}." if name else ""
             for sub, site in attached.items():
                 site.name = prefix + sub
-                sites[site.name] = site
-    return sites
+                found.append((position.get(site.name, len(modules)), site.name, site))
+    found.sort(key=lambda entry: entry[0])
+    return {name: site for _, name, site in found}
 
 
 def attach_sites(
@@ -84,6 +121,7 @@ def attach_sites(
 
     ``where="output"`` perturbs/captures the module's output; ``"input"`` its
     first positional input. Attaching twice to the same module is an error.
+    The hooks survive ``copy.deepcopy`` and pickling of the model.
     """
     if where not in ("input", "output"):
         raise ValueError(f"where must be 'input' or 'output', got {where!r}")
@@ -93,16 +131,18 @@ def attach_sites(
         known = [n for n in modules if n][:20]
         raise ValueError(f"no module named {missing!r} in the model; some module names: {known}")
     attached: Dict[str, Site] = getattr(model, _ATTACHED, None) or {}
+    seen = set()
     for name in module_names:
-        if name in attached:
+        if name in attached or name in seen:
             raise ValueError(f"a site is already attached to module {name!r}")
+        seen.add(name)
     for name in module_names:
         site = Site(name)
         module = modules[name]
         if where == "output":
-            module.register_forward_hook(lambda _m, _inp, out, s=site: s(out))
+            module.register_forward_hook(_OutputHook(site))
         else:
-            module.register_forward_pre_hook(lambda _m, inp, s=site: (s(inp[0]),) + tuple(inp[1:]))
+            module.register_forward_pre_hook(_InputHook(site))
         attached[name] = site
     object.__setattr__(model, _ATTACHED, attached)
     return list(module_names)
@@ -121,22 +161,42 @@ def _select(model: nn.Module, names: Optional[Sequence[str]]) -> Dict[str, Site]
 @contextmanager
 def perturb_sites(model: nn.Module, deltas: Mapping[str, Tensor]) -> Iterator[None]:
     """Add ``deltas[name]`` at each named site during forward passes inside the
-    block. Perturbations broadcast over the batch dimension."""
+    block.
+
+    Each perturbation has the activation's shape, with batch size N or 1 (one
+    perturbation broadcast over the batch); a wrong shape raises
+    ``ValueError`` at the forward pass. On exit, also by an exception, each
+    site returns to what it was before the block (the identity, or an
+    enclosing block's perturbation).
+    """
     if not deltas:
         yield
         return
+    for name, delta in deltas.items():
+        if not isinstance(delta, Tensor):
+            raise TypeError(
+                f"the perturbation for site {name!r} must be a tensor, got {type(delta).__name__}"
+            )
+        if not delta.is_floating_point():
+            raise TypeError(
+                f"the perturbation for site {name!r} must be floating-point, "
+                f"got dtype {delta.dtype}"
+            )
     sites = _select(model, list(deltas))
+    previous = {name: site.delta for name, site in sites.items()}
     for name, site in sites.items():
         site.delta = deltas[name]
     try:
         yield
     finally:
-        for site in sites.values():
-            site.delta = None
+        for name, site in sites.items():
+            site.delta = previous[name]
 
 
 @contextmanager
-def capture_sites(model: nn.Module, names: Optional[Sequence[str]] = None) -> Iterator[Dict[str, Tensor]]:
+def capture_sites(
+    model: nn.Module, names: Optional[Sequence[str]] = None
+) -> Iterator[Dict[str, Tensor]]:
     """Record the activations at the named sites (all sites when ``names`` is
     None) of the last forward pass run inside the block.
 

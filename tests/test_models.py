@@ -1,0 +1,486 @@
+"""Tests of the models (Normalize, PreActResNet18, WideResNet, SmallCNN,
+build_model) and of the perturbation-site mechanism."""
+from __future__ import annotations
+
+import copy
+import io
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from advtrain.models import (
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    CIFAR100_MEAN,
+    CIFAR100_STD,
+    Normalize,
+    PreActResNet18,
+    SiteModule,
+    SmallCNN,
+    WideResNet,
+    attach_sites,
+    build_model,
+    capture_sites,
+    find_sites,
+    perturb_sites,
+)
+from advtrain.models.preact_resnet import PreActBlock
+
+PREACT_SITES = [f"layer{i}.{j}.site" for i in range(1, 5) for j in range(2)]
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+def images(n: int = 2) -> torch.Tensor:
+    return torch.rand(n, 3, 32, 32)
+
+
+def small_models() -> dict:
+    return {
+        "preact": PreActResNet18(width=8),
+        "wrn": WideResNet(depth=10, widen=1),
+        "small": SmallCNN(width=8),
+    }
+
+
+# ---------------------------------------------------------------- shapes, sizes
+
+
+@pytest.mark.parametrize("num_classes", [10, 100])
+def test_output_shapes(num_classes: int) -> None:
+    x = images(3)
+    for name, model in [
+        ("preact", PreActResNet18(num_classes, width=8)),
+        ("wrn", WideResNet(10, 2, num_classes)),
+        ("small", SmallCNN(num_classes, width=8)),
+    ]:
+        assert model(x).shape == (3, num_classes), name
+
+
+def test_parameter_counts() -> None:
+    with torch.device("meta"):
+        preact = PreActResNet18()
+        wrn28 = WideResNet(28, 10)
+        wrn34 = WideResNet(34, 10)
+
+    def count(m: nn.Module) -> int:
+        return sum(p.numel() for p in m.parameters())
+
+    # Wong et al. / APART pre-activation ResNet-18. The often-quoted
+    # 11,173,962 is the post-activation ResNet-18: it has a BatchNorm after the
+    # stem (64 ch) and on each of the 3 projection shortcuts (128, 256, 512 ch)
+    # and bn1 on the block's output width, where the pre-activation net has
+    # bn1 on the block's input width and one final BatchNorm (512 ch).
+    bn_difference = 2 * (64 + 2 * 128 - 64 + 2 * 256 - 128 + 2 * 512 - 256 - 512)
+    assert bn_difference == 1792
+    assert count(preact) == 11_173_962 - bn_difference == 11_172_170
+    assert count(wrn28) == 36_479_194
+    assert count(wrn34) == 46_160_474
+
+
+def test_small_cnn_is_small() -> None:
+    assert sum(p.numel() for p in SmallCNN().parameters()) < 30_000
+
+
+# ---------------------------------------------------------------- Normalize
+
+
+def test_normalize_values() -> None:
+    norm = Normalize(CIFAR10_MEAN, CIFAR10_STD)
+    x = images(2)
+    mean = torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CIFAR10_STD).view(1, 3, 1, 1)
+    torch.testing.assert_close(norm(x), (x - mean) / std)
+    # channel c of a constant image m_c maps to exactly 0
+    const = mean.expand(1, 3, 4, 4).clone()
+    assert torch.allclose(norm(const), torch.zeros_like(const), atol=1e-7)
+    assert set(norm.state_dict()) == {"mean", "std"}
+    assert norm.to(torch.float64).mean.dtype == torch.float64
+    assert len(CIFAR100_MEAN) == len(CIFAR100_STD) == 3
+
+
+def test_normalize_validation() -> None:
+    with pytest.raises(ValueError, match="std"):
+        Normalize((0.5, 0.5, 0.5), (0.2, 0.0, 0.2))
+    with pytest.raises(ValueError, match="one value per channel"):
+        Normalize((0.5, 0.5, 0.5), (0.2, 0.2))
+    with pytest.raises(ValueError, match="finite"):
+        Normalize((0.5, float("nan")), (0.2, 0.2))
+    with pytest.raises(TypeError, match="mean"):
+        Normalize(0.5, (0.2,))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"\(N, 3, H, W\)"):
+        Normalize(CIFAR10_MEAN, CIFAR10_STD)(torch.rand(2, 1, 8, 8))
+
+
+def test_model_normalize_option() -> None:
+    with_norm = SmallCNN(width=8).eval()
+    without = SmallCNN(width=8, normalize=False).eval()
+    assert isinstance(without.normalize, nn.Identity)
+    missing, unexpected = without.load_state_dict(with_norm.state_dict(), strict=False)
+    assert missing == [] and sorted(unexpected) == ["normalize.mean", "normalize.std"]
+    x = images(4)
+    mean = torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CIFAR10_STD).view(1, 3, 1, 1)
+    torch.testing.assert_close(with_norm(x), without((x - mean) / std))
+    custom = Normalize(CIFAR100_MEAN, CIFAR100_STD)
+    assert PreActResNet18(100, width=8, normalize=custom).normalize is custom
+    assert isinstance(WideResNet(10, 1, normalize=None).normalize, nn.Identity)
+    with pytest.raises(TypeError, match="normalize"):
+        SmallCNN(normalize="cifar10")  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------- validation, factory
+
+
+def test_constructor_validation() -> None:
+    with pytest.raises(ValueError, match="depth"):
+        WideResNet(depth=27)
+    with pytest.raises(ValueError, match="depth"):
+        WideResNet(depth=4)
+    with pytest.raises(ValueError, match="dropout"):
+        WideResNet(depth=10, widen=1, dropout=1.0)
+    with pytest.raises(ValueError, match="width"):
+        PreActResNet18(width=0)
+    with pytest.raises(TypeError, match="num_classes"):
+        SmallCNN(num_classes=10.0)  # type: ignore[arg-type]
+
+
+def test_build_model() -> None:
+    assert isinstance(build_model("preactresnet18", width=8), PreActResNet18)
+    wrn = build_model("WideResNet", num_classes=100, depth=16, widen=1)
+    assert isinstance(wrn, WideResNet) and len(wrn.block1) == 2 and wrn.fc.out_features == 100
+    assert isinstance(build_model("smallcnn", 5, width=4), SmallCNN)
+    with pytest.raises(ValueError, match=r"'resnet50'.*preactresnet18.*smallcnn.*wideresnet"):
+        build_model("resnet50")
+    with pytest.raises(TypeError):
+        build_model("smallcnn", depth=3)
+
+
+def test_wide_resnet_dropout_active_only_in_training() -> None:
+    model = WideResNet(depth=10, widen=1, dropout=0.5)
+    x = images(2)
+    model.eval()
+    assert torch.equal(model(x), model(x))
+    model.train()
+    assert not torch.equal(model(x), model(x))
+
+
+# ---------------------------------------------------------------- declared sites
+
+
+def test_declared_site_names() -> None:
+    assert list(find_sites(PreActResNet18(width=8))) == PREACT_SITES
+    wrn = WideResNet(depth=16, widen=1)
+    assert list(find_sites(wrn)) == [f"block{i}.{j}.site" for i in range(1, 4) for j in range(2)]
+    assert list(find_sites(SmallCNN(width=8))) == ["site1", "site2"]
+
+
+def test_sites_are_identity_without_perturbation() -> None:
+    for name, model in small_models().items():
+        model.eval()
+        x = images(2)
+        clean = model(x)
+        sites = find_sites(model)
+        zeros = {}
+        with capture_sites(model) as acts:
+            model(x)
+        for site in sites:
+            zeros[site] = torch.zeros_like(acts[site])
+        with perturb_sites(model, zeros):
+            assert torch.equal(model(x), clean), name
+        with perturb_sites(model, {}):
+            assert torch.equal(model(x), clean), name
+        assert torch.equal(model(x), clean), name
+        assert all(s.delta is None for s in sites.values())
+
+
+def test_preact_site_perturbation_changes_output_and_is_removed_after() -> None:
+    model = PreActResNet18(width=8).eval()
+    x = images(2)
+    clean = model(x)
+    for name in PREACT_SITES:
+        with capture_sites(model, [name]) as acts:
+            model(x)
+        delta = torch.randn(1, *acts[name].shape[1:])
+        with perturb_sites(model, {name: delta}):
+            perturbed = model(x)
+        assert not torch.allclose(perturbed, clean), name
+        assert torch.equal(model(x), clean), name
+
+
+def test_preact_block_site_feeds_conv_and_projection_shortcut() -> None:
+    block = PreActBlock(4, 8, stride=2).eval()
+    assert block.shortcut is not None
+    model = nn.Sequential(block)
+    x = torch.randn(2, 4, 8, 8)
+    delta = torch.randn(2, 4, 8, 8)
+    with perturb_sites(model, {"0.site": delta}):
+        out = model(x)
+    a = F.relu(block.bn1(x)) + delta
+    expected = block.conv2(F.relu(block.bn2(block.conv1(a)))) + block.shortcut(a)
+    torch.testing.assert_close(out, expected)
+
+    identity_block = PreActBlock(4, 4, stride=1).eval()
+    assert identity_block.shortcut is None
+    with perturb_sites(nn.Sequential(identity_block), {"0.site": delta}):
+        out = identity_block(x)
+    a = F.relu(identity_block.bn1(x)) + delta
+    branch = identity_block.conv2(F.relu(identity_block.bn2(identity_block.conv1(a))))
+    torch.testing.assert_close(out, branch + x)
+
+
+# ---------------------------------------------------------------- perturb / capture semantics
+
+
+def linear_model() -> nn.Sequential:
+    return nn.Sequential(nn.Linear(3, 4), SiteModule(), nn.Linear(4, 2))
+
+
+def test_perturb_equals_manual_addition() -> None:
+    model = linear_model()
+    x = torch.randn(5, 3)
+    for delta in (torch.randn(5, 4), torch.randn(1, 4)):
+        with perturb_sites(model, {"1": delta}):
+            out = model(x)
+        torch.testing.assert_close(out, model[2](model[0](x) + delta))
+    assert torch.equal(model(x), model[2](model[0](x)))
+
+
+def test_perturbation_removed_after_exception_and_nesting_restores() -> None:
+    model = linear_model()
+    x = torch.randn(2, 3)
+    clean = model(x)
+    with pytest.raises(RuntimeError, match="boom"):
+        with perturb_sites(model, {"1": torch.ones(1, 4)}):
+            raise RuntimeError("boom")
+    assert torch.equal(model(x), clean)
+    outer, inner = torch.ones(1, 4), 2 * torch.ones(1, 4)
+    with perturb_sites(model, {"1": outer}):
+        with perturb_sites(model, {"1": inner}):
+            torch.testing.assert_close(model(x), model[2](model[0](x) + inner))
+        torch.testing.assert_close(model(x), model[2](model[0](x) + outer))
+    assert torch.equal(model(x), clean)
+
+
+def test_perturbation_gradient_flows_to_delta() -> None:
+    first, last = nn.Linear(3, 4), nn.Linear(4, 2)
+    model = nn.Sequential(first, SiteModule(), last)
+    x = torch.randn(2, 3)
+    scale = torch.tensor(0.5, requires_grad=True)
+    direction = torch.randn(1, 4)
+    with perturb_sites(model, {"1": scale * direction}):
+        loss = model(x).sum()
+    (g,) = torch.autograd.grad(loss, [scale])
+    expected = (direction @ last.weight.t()).sum() * x.shape[0]
+    torch.testing.assert_close(g, expected)
+
+
+def test_capture_gradient_matches_manual_and_finite_difference() -> None:
+    model = nn.Sequential(nn.Linear(3, 4), SiteModule(), nn.Tanh(), nn.Linear(4, 2)).double()
+    x = torch.randn(3, 3, dtype=torch.float64)
+    y = torch.tensor([0, 1, 1])
+    with capture_sites(model) as acts:
+        loss = F.cross_entropy(model(x), y, reduction="sum")
+    assert list(acts) == ["1"]
+    h = acts["1"]
+    torch.testing.assert_close(h, model[0](x))
+    (g,) = torch.autograd.grad(loss, [h])
+    # manual: dL/dh = (softmax(z) - onehot(y)) W2 * tanh'(h)
+    z = model(x)
+    dz = z.softmax(1) - F.one_hot(y, 2).double()
+    manual = (dz @ model[3].weight) * (1 - torch.tanh(h) ** 2)
+    torch.testing.assert_close(g, manual)
+    # finite differences through perturb_sites
+    step = 1e-6
+    fd = torch.zeros_like(h)
+    with torch.no_grad():
+        for i in range(h.shape[0]):
+            for j in range(h.shape[1]):
+                e = torch.zeros_like(h)
+                e[i, j] = step
+                with perturb_sites(model, {"1": e}):
+                    up = F.cross_entropy(model(x), y, reduction="sum")
+                with perturb_sites(model, {"1": -e}):
+                    down = F.cross_entropy(model(x), y, reduction="sum")
+                fd[i, j] = (up - down) / (2 * step)
+    torch.testing.assert_close(g, fd, rtol=1e-5, atol=1e-7)
+
+
+def test_capture_preact_shapes_and_gradients() -> None:
+    w = 8
+    model = PreActResNet18(width=w)
+    x = images(2)
+    y = torch.tensor([1, 7])
+    with capture_sites(model) as acts:
+        loss = F.cross_entropy(model(x), y)
+    expected = {
+        "layer1.0.site": (w, 32), "layer1.1.site": (w, 32),
+        "layer2.0.site": (w, 32), "layer2.1.site": (2 * w, 16),
+        "layer3.0.site": (2 * w, 16), "layer3.1.site": (4 * w, 8),
+        "layer4.0.site": (4 * w, 8), "layer4.1.site": (8 * w, 4),
+    }  # fmt: skip
+    assert list(acts) == PREACT_SITES
+    for name, (c, s) in expected.items():
+        assert acts[name].shape == (2, c, s, s), name
+    grads = torch.autograd.grad(loss, list(acts.values()))
+    for name, g in zip(acts, grads):
+        assert g.shape == acts[name].shape and g.abs().sum() > 0, name
+    assert all(not s.capturing and s.activation is None for s in find_sites(model).values())
+
+
+def test_capture_subset_and_unknown_names() -> None:
+    model = PreActResNet18(width=8)
+    with capture_sites(model, ["layer3.1.site"]) as acts:
+        model(images(2))
+    assert list(acts) == ["layer3.1.site"]
+    with pytest.raises(ValueError, match="layer9.0.site"):
+        with capture_sites(model, ["layer9.0.site"]):
+            pass
+    with pytest.raises(ValueError, match="layer1.0.sit"):
+        with perturb_sites(model, {"layer1.0.sit": torch.zeros(1)}):
+            pass
+
+
+def test_perturbation_shape_and_type_errors() -> None:
+    model = linear_model()
+    x = torch.randn(4, 3)
+    for bad in (torch.zeros(4, 5), torch.zeros(3, 4), torch.zeros(4), torch.zeros(1, 1, 4)):
+        with perturb_sites(model, {"1": bad}):
+            with pytest.raises(ValueError, match="'1'"):
+                model(x)
+    with pytest.raises(TypeError, match="tensor"):
+        with perturb_sites(model, {"1": 0.5}):  # type: ignore[dict-item]
+            pass
+    with pytest.raises(TypeError, match="floating"):
+        with perturb_sites(model, {"1": torch.zeros(1, 4, dtype=torch.long)}):
+            pass
+
+
+# ---------------------------------------------------------------- attached sites
+
+
+def mlp() -> nn.Sequential:
+    return nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+
+
+def test_attach_sites_output_and_input() -> None:
+    first, last = nn.Linear(3, 4), nn.Linear(4, 2)
+    model = nn.Sequential(first, nn.ReLU(), last)
+    x = torch.randn(5, 3)
+    clean = model(x)
+    assert attach_sites(model, ["0"]) == ["0"]
+    assert attach_sites(model, ["2"], where="input") == ["2"]
+    assert list(find_sites(model)) == ["0", "2"]
+    assert torch.equal(model(x), clean)
+
+    def lin0(v: torch.Tensor) -> torch.Tensor:  # first layer without its hook
+        return F.linear(v, first.weight, first.bias)
+
+    def lin2(v: torch.Tensor) -> torch.Tensor:  # last layer without its hook
+        return F.linear(v, last.weight, last.bias)
+
+    d_out, d_in = torch.randn(1, 4), torch.randn(5, 4)
+    with perturb_sites(model, {"0": d_out}):
+        torch.testing.assert_close(model(x), lin2(torch.relu(lin0(x) + d_out)))
+    with perturb_sites(model, {"2": d_in}):
+        torch.testing.assert_close(model(x), lin2(torch.relu(lin0(x)) + d_in))
+    with capture_sites(model) as acts:
+        model(x)
+    torch.testing.assert_close(acts["0"], lin0(x))
+    torch.testing.assert_close(acts["2"], torch.relu(lin0(x)))
+    assert torch.equal(model(x), clean)
+
+
+def test_attach_sites_errors() -> None:
+    model = mlp()
+    with pytest.raises(ValueError, match="'fc'"):
+        attach_sites(model, ["fc"])
+    with pytest.raises(ValueError, match="where"):
+        attach_sites(model, ["0"], where="middle")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="already attached"):
+        attach_sites(model, ["0", "0"])
+    attach_sites(model, ["0"])
+    with pytest.raises(ValueError, match="already attached"):
+        attach_sites(model, ["0"], where="input")
+    with pytest.raises(ValueError, match="'1'"):
+        with perturb_sites(model, {"1": torch.zeros(1, 4)}):
+            pass
+
+
+def test_attached_sites_on_nested_model_and_alongside_declared_sites() -> None:
+    model = SmallCNN(width=4)
+    attach_sites(model, ["stage3.0"])
+    assert list(find_sites(model)) == ["site1", "site2", "stage3.0"]
+    outer = nn.Sequential(model)
+    assert list(find_sites(outer)) == ["0.site1", "0.site2", "0.stage3.0"]
+
+
+def test_attached_sites_survive_deepcopy_and_pickling() -> None:
+    model = mlp()
+    attach_sites(model, ["0"])
+    x = torch.randn(2, 3)
+    delta = torch.full((1, 4), 3.0)
+    clone = copy.deepcopy(model)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    for m in (clone, loaded):
+        expected = m[2](torch.relu(m[0](x) + delta))
+        with perturb_sites(m, {"0": delta}):
+            torch.testing.assert_close(m(x), expected)
+        with perturb_sites(model, {"0": delta}):
+            assert torch.equal(m(x), m[2](torch.relu(m[0](x))))
+
+
+# ---------------------------------------------------------------- precision, memory format
+
+
+def test_channels_last_and_bf16_autocast() -> None:
+    x = images(4).contiguous(memory_format=torch.channels_last)
+    y = torch.tensor([0, 1, 2, 3])
+    for name, model in small_models().items():
+        model = model.to(memory_format=torch.channels_last)
+        ref = model.eval()(x.contiguous())
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+        assert out.shape == (4, 10) and torch.isfinite(out).all(), name
+        assert (out.float() - ref).abs().max() < 0.1 * ref.abs().max() + 0.05, name
+        model.train()
+        x_in = x.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            with capture_sites(model) as acts:
+                loss = F.cross_entropy(model(x_in), y)
+        grads = torch.autograd.grad(loss, [x_in, *acts.values()])
+        assert all(torch.isfinite(g).all() for g in grads), name
+        site = next(iter(acts))
+        delta = torch.randn(1, *acts[site].shape[1:], requires_grad=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16), perturb_sites(model, {site: delta}):
+            loss = F.cross_entropy(model(x), y)
+        (g,) = torch.autograd.grad(loss, [delta])
+        assert g.dtype == torch.float32 and g.abs().sum() > 0, name
+
+
+# ---------------------------------------------------------------- training sanity
+
+
+def test_small_cnn_overfits_tiny_batch() -> None:
+    model = SmallCNN(width=8)
+    x = images(16)
+    y = torch.arange(16) % 4
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(40):
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[0] > 0.8 * math.log(4)
+    assert losses[-1] < 0.25 * losses[0]
