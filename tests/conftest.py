@@ -1,0 +1,29 @@
+"""Shared pytest fixtures."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="session")
+def cifar10_dir() -> Path:
+    """A CIFAR-10 directory in the official layout, named by ``ADVTRAIN_CIFAR10_DIR``
+    (CI builds a real subset with ``../shared/tools/cifar10_from_jpeg.py``)."""
+    path = os.environ.get("ADVTRAIN_CIFAR10_DIR")
+    if not path:
+        pytest.skip(
+            "ADVTRAIN_CIFAR10_DIR is not set: "
+            "real-data tests need a CIFAR-10 directory (see .ci/run)"
+        )
+    return Path(path)
+
+
+@pytest.fixture
+def seeded() -> torch.Generator:
+    """Seed torch's global RNG with 0 and return a CPU generator seeded with 0."""
+    torch.manual_seed(0)
+    return torch.Generator().manual_seed(0)
