@@ -1,0 +1,21 @@
+"""Stateless adversarial attacks: ``attack(model, x, y) -> x_adv``.
+
+Images are pixels in [0, 1] (N, C, H, W) and every radius is in pixel units.
+"""
+from .base import Attack, model_mode
+from .losses import cross_entropy, dlr_loss, get_loss, margin_loss, targeted_dlr_loss
+from .pgd import FGSM, FGSMRS, NFGSM, PGD
+
+__all__ = [
+    "Attack",
+    "model_mode",
+    "PGD",
+    "FGSM",
+    "FGSMRS",
+    "NFGSM",
+    "cross_entropy",
+    "margin_loss",
+    "dlr_loss",
+    "targeted_dlr_loss",
+    "get_loss",
+]
