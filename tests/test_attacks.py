@@ -350,7 +350,8 @@ def test_bn_mode_is_used_and_model_flags_restored(bn_mode):
     for bn in (model[1], model[4]):
         bn.register_forward_hook(lambda mod, inp, out: seen.append(mod.training))
     x, y = conv_batch(0)
-    FGSMRS(EPS, bn_mode=bn_mode)(model, x, y)
+    # check=False: the input checks' one-example probe forward is not the attack's
+    FGSMRS(EPS, bn_mode=bn_mode).run(model, x, y, check=False)
 
     assert [m.training for m in model.modules()] == flags
     assert len(seen) == 2
@@ -619,3 +620,10 @@ def test_bad_model_and_per_example_radius():
         PGD(torch.full((3,), EPS))(conv_model(0), x, y)
     with pytest.raises(ValueError, match="step_size: a per-example radius needs 4 values"):
         PGD(EPS, step_size=torch.full((5,), 0.01))(conv_model(0), x, y)
+
+
+def test_label_at_or_above_class_count_is_rejected():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 5))
+    x = torch.rand(3, 3, 4, 4)
+    with pytest.raises(ValueError, match=r"y holds labels in \[0, 5\].*\[0, 4\]"):
+        PGD(EPS, steps=1)(model, x, torch.tensor([0, 1, 5]))

@@ -76,7 +76,7 @@ class Attack(abc.ABC):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if check:
             check_images(x, "x")
-            check_labels(y, x.shape[0], name="y")
+            check_labels(y, x.shape[0], num_classes=_num_classes(model, x), name="y")
         elif x.dim() != 4:
             raise ValueError(f"x must have shape (N, C, H, W), got {tuple(x.shape)}")
         x = x.detach()
@@ -92,6 +92,18 @@ class Attack(abc.ABC):
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
         return f"{type(self).__name__}({fields})"
+
+
+def _num_classes(model: nn.Module, x: Tensor) -> int:
+    """Number of logits ``model`` returns, from one example in eval mode (so no
+    BatchNorm statistics change); part of input validation, not of attacks."""
+    if x.shape[0] == 0:
+        return 0
+    with model_mode(model, "eval"), torch.no_grad():
+        logits = model(x[:1])
+    if logits.dim() != 2:
+        raise ValueError(f"model must return logits of shape (N, classes), got {tuple(logits.shape)}")
+    return int(logits.shape[1])
 
 
 def input_gradient(loss: Tensor, delta: Tensor) -> Tensor:

@@ -9,7 +9,7 @@ a tensor with one value per example.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -117,11 +117,7 @@ class PGD(Attack):
     def perturb(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         if x.shape[0] == 0:
             return x
-        eps = _radius(self.eps, x, "eps")
-        if self.step_size is None:
-            step = 2.5 * eps / self.steps
-        else:
-            step = _radius(self.step_size, x, "step_size")
+        eps, step = self._radii(x)
         init = eps if self.init_radius is None else _radius(self.init_radius, x, "init_radius")
 
         best = self._run_once(model, x, y, eps, step, init)
@@ -136,6 +132,22 @@ class PGD(Attack):
                 best = torch.where(better.view(-1, 1, 1, 1), delta, best)
                 best_obj = torch.where(better, obj, best_obj)
         return (x + best).to(x.dtype)
+
+    def iterate(self, model: nn.Module, x: Tensor, y: Tensor, delta: Tensor) -> Tensor:
+        """Run the attack's ``steps`` update steps from a given perturbation
+        ``delta`` (no random start, no restarts) and return the final
+        perturbation in float32. ``delta`` is first projected onto the ε-ball
+        and [0, 1]. The caller chooses the model's mode and enables gradients;
+        this is how accumulated-perturbation methods (ATTA) continue a stored
+        perturbation."""
+        eps, step = self._radii(x)
+        delta = clip_to_ball_and_box(x, delta.detach().float(), eps, self.norm, project=self.project)
+        return self._steps(model, x, y, delta, eps, step)
+
+    def _radii(self, x: Tensor) -> Tuple[Tensor, Tensor]:
+        eps = _radius(self.eps, x, "eps")
+        step = 2.5 * eps / self.steps if self.step_size is None else _radius(self.step_size, x, "step_size")
+        return eps, step
 
     def _objective(self, model: nn.Module, x_in: Tensor, y: Tensor) -> Tensor:
         """Per-example float32 quantity the attack ascends (negated loss when targeted)."""
@@ -156,7 +168,9 @@ class PGD(Attack):
 
     def _run_once(self, model: nn.Module, x: Tensor, y: Tensor, eps: Tensor, step: Tensor,
                   init: Tensor) -> Tensor:
-        delta = self._initial_delta(x, eps, init)
+        return self._steps(model, x, y, self._initial_delta(x, eps, init), eps, step)
+
+    def _steps(self, model: nn.Module, x: Tensor, y: Tensor, delta: Tensor, eps: Tensor, step: Tensor) -> Tensor:
         for _ in range(self.steps):
             delta.requires_grad_(True)
             g = input_gradient(self._objective(model, x + delta, y).sum(), delta)
