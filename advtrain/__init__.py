@@ -1,0 +1,32 @@
+"""advtrain: fast, reliable adversarial training for PyTorch.
+
+The three interfaces:
+
+* :class:`Attack` — stateless ``attack(model, x, y) -> x_adv`` (FGSM, PGD, ...),
+  for evaluation and, through :class:`AttackPolicy`, for training;
+* :class:`PerturbationPolicy` — stateful training-time perturbation
+  (:class:`ATTAPolicy`, :class:`APARTPolicy`);
+* :class:`Trainer` — the training loop, with method presets
+  (:class:`FGSMTrainer`, :class:`FastATTrainer`, :class:`PGDTrainer`,
+  :class:`NFGSMTrainer`, :class:`ATTATrainer`, :class:`APARTTrainer`).
+
+Images are pixels in [0, 1], NCHW; ε is in pixel units; normalization lives
+inside the model.
+"""
+from .attacks import FGSM, FGSMRS, NFGSM, PGD, Attack
+from .data import DeviceLoader, cifar10, cifar100
+from .models import Normalize, PreActResNet18, WideResNet
+from .policies import APARTPolicy, ATTAPolicy, AttackPolicy, Perturbation, PerturbationPolicy
+from .training import (APARTTrainer, ATTATrainer, Callback, FastATTrainer, FGSMTrainer, History, NFGSMTrainer,
+                       PGDTrainer, Trainer)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Attack", "FGSM", "FGSMRS", "NFGSM", "PGD",
+    "PerturbationPolicy", "Perturbation", "AttackPolicy", "ATTAPolicy", "APARTPolicy",
+    "Trainer", "FGSMTrainer", "FastATTrainer", "PGDTrainer", "NFGSMTrainer", "ATTATrainer", "APARTTrainer",
+    "Callback", "History",
+    "DeviceLoader", "cifar10", "cifar100",
+    "PreActResNet18", "WideResNet", "Normalize",
+]

@@ -1,0 +1,204 @@
+"""APART: adaptive adversarial training with a learnable perturbation policy
+(Li, Liu, Dong & Shang, "Overfitting or Underfitting? Understand Robustness
+Drop in Adversarial Training", arXiv 2010.08034)."""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .._validation import check_radius
+from ..attacks.base import model_mode
+from ..data.batch import Batch
+from ..models.sites import attach_sites, capture_sites, find_sites, perturb_sites
+from .base import Perturbation, PerturbationPolicy, PolicyContext
+from .store import PerExampleStore, resolve_store_dtype
+
+
+def _triangle(peak: float, progress: float) -> float:
+    """0 → peak at progress 0.5 → 0 at progress 1 (progress in [0, 1])."""
+    return peak * max(0.0, 1.0 - abs(2.0 * progress - 1.0))
+
+
+class APARTPolicy(PerturbationPolicy):
+    """The APART perturbation policy.
+
+    Learnable step sizes — the input step α, the initialization scale α_ω and
+    one step α_l per perturbation site — and a per-example initialization ω
+    (kept in padded coordinates like ATTA's store, values in [-1, 1], never
+    reset). Per batch (DESIGN.md §4):
+
+    1. δ₀ = clamp(α_ω·ω, ±ε) read through the batch's crop/flip; x₀ = clamp(x + δ₀, 0, 1).
+    2. Pass 1 (BatchNorm in train mode, no site perturbation): L₁ = CE(f(x₀), y);
+       gradients g_x of L₁ w.r.t. x₀ and g_l w.r.t. each site's activation, by
+       ``autograd.grad`` (no weight gradients are computed).
+    3. δ = clamp(δ₀ + α·sign(g_x), ±ε); x₁ = clamp(x + δ, 0, 1), differentiable in α, α_ω.
+    4. The Trainer's pass 2 adds α_l·sign(g_l) at each site; its backward gives
+       the weight gradients and those of α, α_ω, α_l and x₁.
+    5. :meth:`after_step`: ω ← clamp(ω + α/(α_ω + 1e-7)·sign(∇ₓ₁L₂), −1, 1),
+       written back aligned; gradient *ascent* on the step sizes with SGD
+       (triangular LR 0 → ``lr`` → 0 over the run, momentum cycled 0.9 → 0.8 →
+       0.9, weight decay ``weight_decay`` pulling them toward zero).
+
+    Args:
+        eps: L∞ radius of the input perturbation, pixel units (0.031 in the
+            reference training runs).
+        layerwise: perturb intermediate layers; ``False`` gives input-only APART.
+        sites: site names to perturb. Default: every site the model declares.
+            Names of plain submodules get a site attached to their output.
+        init_step, init_scale, site_init: initial α, α_ω and α_l.
+        lr: peak learning rate of the step-size ascent.
+        weight_decay: decay on the step sizes. The reference run effectively
+            applied 1200 (400 in its own optimizer plus the model optimizer's
+            decay, which reached the scalars too); that is the default.
+        momentum: peak momentum of the step-size optimizer (cycled to
+            ``momentum - 0.1`` at mid-run, like the model's).
+        store_dtype: dtype of the ω store ("float32", "bfloat16", "float16").
+            16-bit stores halve memory; ω is then rounded to 8 (bf16) or 11
+            (fp16) significant bits on every write.
+    """
+
+    def __init__(
+        self,
+        eps: float = 0.031,
+        *,
+        layerwise: bool = True,
+        sites: Optional[Sequence[str]] = None,
+        init_step: float = 1e-4,
+        init_scale: float = 1e-4,
+        site_init: float = 0.0,
+        lr: float = 5e-8,
+        weight_decay: float = 1200.0,
+        momentum: float = 0.9,
+        store_dtype: Union[str, torch.dtype] = "float32",
+    ) -> None:
+        self.eps = float(check_radius(eps, "eps"))
+        self.layerwise = bool(layerwise)
+        if sites is not None and not self.layerwise:
+            raise ValueError("sites were named but layerwise=False turns layer perturbation off")
+        self.site_names_requested = list(sites) if sites is not None else None
+        self.init_step = float(check_radius(init_step, "init_step"))
+        self.init_scale = float(check_radius(init_scale, "init_scale"))
+        self.site_init = float(check_radius(site_init, "site_init"))
+        self.lr = float(check_radius(lr, "lr"))
+        self.weight_decay = float(check_radius(weight_decay, "weight_decay"))
+        if not 0.1 <= momentum < 1.0:
+            raise ValueError(f"momentum must be in [0.1, 1), got {momentum}")
+        self.momentum = float(momentum)
+        self.store_dtype = resolve_store_dtype(store_dtype)
+        self.site_names: List[str] = []
+        self.store: Optional[PerExampleStore] = None
+        self.step = 0
+
+    # ------------------------------------------------------------------ setup
+    def setup(self, model: nn.Module, context: PolicyContext) -> None:
+        device = context.device
+        self.context = context
+        if self.layerwise:
+            declared = find_sites(model)
+            if self.site_names_requested is None:
+                if not declared:
+                    raise ValueError(
+                        f"{type(model).__name__} declares no perturbation sites: pass sites=[module names] "
+                        "to APART, or layerwise=False for input-only APART")
+                self.site_names = list(declared)
+            else:
+                missing = [n for n in self.site_names_requested if n not in declared]
+                if missing:
+                    attach_sites(model, missing)
+                self.site_names = list(self.site_names_requested)
+        self.site_shapes = self._site_shapes(model, context)
+        self.alpha = torch.tensor(self.init_step, device=device, requires_grad=True)
+        self.alpha_init = torch.tensor(self.init_scale, device=device, requires_grad=True)
+        self.alpha_sites = torch.full((len(self.site_names),), self.site_init, device=device, requires_grad=True)
+        self.optimizer = torch.optim.SGD(self.parameters(), lr=0.0, momentum=self.momentum,
+                                         weight_decay=self.weight_decay, maximize=True)
+        self.store = PerExampleStore(context.num_examples, context.image_shape, context.padding, device,
+                                     self.store_dtype)
+        self.store.data.copy_(0.001 * torch.randn(self.store.data.shape, device=device))
+        self.step = 0
+
+    def _site_shapes(self, model: nn.Module, context: PolicyContext) -> List[torch.Size]:
+        """Per-example activation shapes at the sites, from one probe forward
+        pass in eval mode (no statistics updated)."""
+        if not self.site_names:
+            return []
+        probe = torch.zeros((1,) + tuple(context.image_shape), device=context.device)
+        with model_mode(model, "eval"), torch.no_grad(), capture_sites(model, self.site_names) as acts:
+            model(probe)
+        return [acts[name].shape[1:] for name in self.site_names]
+
+    def parameters(self) -> List[Tensor]:
+        return [self.alpha, self.alpha_init, self.alpha_sites]
+
+    # --------------------------------------------------------------- per batch
+    def perturb(self, model: nn.Module, batch: Batch) -> Perturbation:
+        assert self.store is not None, "APARTPolicy.setup must run before perturb"
+        x, y = batch.x, batch.y
+        omega = self.store.read(batch.index, batch.aug)
+        delta0 = torch.clamp(self.alpha_init * omega, -self.eps, self.eps)
+        x0 = torch.clamp(x + delta0, 0.0, 1.0)
+        x0_leaf = x0.detach().requires_grad_(True)
+        # Zero perturbations at the sites: the gradient with respect to them is
+        # the activation gradient (this also holds under torch.compile, where
+        # captured activations are not part of the traced graph).
+        probes = [torch.zeros((x.shape[0],) + tuple(shape), device=x.device, requires_grad=True)
+                  for shape in self.site_shapes]
+        with model_mode(model, "train"), perturb_sites(model, dict(zip(self.site_names, probes))):
+            loss1 = F.cross_entropy(model(x0_leaf).float(), y)
+        grads = torch.autograd.grad(loss1, [x0_leaf] + probes)
+        delta = torch.clamp(delta0 + self.alpha * grads[0].sign(), -self.eps, self.eps)
+        x1 = torch.clamp(x + delta, 0.0, 1.0)
+        x1.retain_grad()
+        sites = {name: self.alpha_sites[i] * g.sign() for i, (name, g) in enumerate(zip(self.site_names, grads[1:]))}
+        return Perturbation(x=x1, sites=sites, extras={"omega": omega})
+
+    def after_step(self, model: nn.Module, batch: Batch, perturbation: Perturbation) -> None:
+        assert self.store is not None
+        x1_grad = perturbation.x.grad
+        if x1_grad is None:
+            raise RuntimeError("APART needs the training loss's backward pass through its input before after_step")
+        with torch.no_grad():
+            ratio = self.alpha / (self.alpha_init + 1e-7)
+            omega = torch.clamp(perturbation.extras["omega"] + ratio * x1_grad.sign(), -1.0, 1.0)
+            self.store.write(batch.index, batch.aug, omega)
+        progress = self.step / max(1, self.context.epochs * self.context.steps_per_epoch)
+        for group in self.optimizer.param_groups:
+            group["lr"] = _triangle(self.lr, progress)
+            group["momentum"] = self.momentum - 0.1 * (1.0 - abs(2.0 * progress - 1.0))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+
+    # ----------------------------------------------------------------- state
+    def metrics(self) -> Dict[str, Any]:
+        out: Dict[str, Any] = {"apart_alpha": float(self.alpha), "apart_alpha_init": float(self.alpha_init)}
+        if self.site_names:
+            out["apart_alpha_sites"] = [float(v) for v in self.alpha_sites]
+        return out
+
+    def state_dict(self) -> Dict[str, Any]:
+        assert self.store is not None
+        return {
+            "alpha": self.alpha.detach(), "alpha_init": self.alpha_init.detach(),
+            "alpha_sites": self.alpha_sites.detach(), "site_names": list(self.site_names),
+            "optimizer": self.optimizer.state_dict(), "store": self.store.state_dict(), "step": self.step,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        assert self.store is not None, "APARTPolicy.setup must run before load_state_dict"
+        if list(state["site_names"]) != self.site_names:
+            raise ValueError(f"checkpoint APART sites {state['site_names']} differ from this run's {self.site_names}")
+        with torch.no_grad():
+            self.alpha.copy_(state["alpha"])
+            self.alpha_init.copy_(state["alpha_init"])
+            self.alpha_sites.copy_(state["alpha_sites"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.store.load_state_dict(state["store"])
+        self.step = int(state["step"])
+
+    def __repr__(self) -> str:
+        return (f"APARTPolicy(eps={self.eps}, layerwise={self.layerwise}, sites={self.site_names_requested}, "
+                f"lr={self.lr}, weight_decay={self.weight_decay})")

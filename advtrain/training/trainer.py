@@ -1,0 +1,402 @@
+"""The :class:`Trainer`: the adversarial-training epoch loop."""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+import warnings
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .._validation import check_choice, check_positive_int
+from ..attacks.base import Attack
+from ..attacks.pgd import PGD
+from ..data.batch import Batch
+from ..data.loader import DeviceLoader, as_tensors
+from ..evaluation.accuracy import correct_predictions
+from ..models.sites import perturb_sites
+from ..policies.attack_policy import CleanPolicy
+from ..policies.base import PerturbationPolicy, PolicyContext
+from .callbacks import Callback
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .history import History
+from .progress import ProgressBar
+from .schedules import ScheduleLike, make_schedule
+
+PRECISIONS = ("auto", "fp32", "bf16")
+CHECKPOINT_NAME = "checkpoint.pt"
+METRICS_NAME = "metrics.jsonl"
+
+
+def pgd20(eps: float = 8 / 255) -> PGD:
+    """The evaluation attack of the APART protocol: L∞ PGD, 20 steps of
+    ε/4 (2/255 at ε = 8/255), random start, BatchNorm in eval mode."""
+    return PGD(eps, steps=20, step_size=eps / 4, random_start=True, bn_mode="eval")
+
+
+class Trainer:
+    """Trains ``model`` on batches perturbed by ``policy``.
+
+    The loop: for each batch, ``policy.perturb`` gives the input (and optional
+    layer perturbations at named sites); the model takes an SGD step on the
+    cross-entropy of that input; the policy is told afterwards. The learning
+    rate (and optionally momentum) follow per-iteration schedules. Every
+    ``eval_every`` epochs the model is evaluated (clean and ``eval_attack``
+    accuracy on the first ``eval_examples`` evaluation images). Each epoch's
+    metrics go to :attr:`history` and, with ``run_dir``, to
+    ``run_dir/metrics.jsonl``; checkpoints (model, optimizer, schedule
+    position, policy, loader and RNG states, history) are written atomically to
+    ``run_dir/checkpoint.pt``. ``fit(..., resume=True)`` continues from it and
+    reproduces an uninterrupted run.
+
+    Args:
+        model: a classifier taking pixels in [0, 1] (normalization inside).
+        policy: the training perturbation; ``None`` trains on clean inputs.
+        epochs: number of epochs.
+        batch_size: training batch size (when ``fit`` gets a dataset rather
+            than a :class:`DeviceLoader`).
+        lr: peak learning rate of ``schedule``.
+        schedule: ``"cyclic"`` (triangle 0 → lr at mid-run → 0), ``"piecewise"``
+            (lr, ×0.1 at 50% and 75%), ``"constant"``, or a callable
+            ``epoch (float) -> lr``.
+        momentum: SGD momentum; ``momentum_schedule`` (callable of epoch)
+            overrides it per iteration.
+        weight_decay, nesterov: SGD options.
+        precision: ``"auto"`` (bf16 autocast on CUDA, fp32 on CPU), ``"fp32"``
+            or ``"bf16"``.
+        channels_last: use channels-last memory format (default: on CUDA).
+        compile: wrap the model in :func:`torch.compile` for training and attacks.
+        device: where to train (default: CUDA if available).
+        eval_every: evaluate every this many epochs (and after the last); 0 never.
+        eval_examples: how many evaluation images to use (``None``: all).
+        eval_attack: attack for robust accuracy (default PGD-20 at 8/255);
+            ``None`` reports clean accuracy only.
+        run_dir: directory for ``metrics.jsonl`` and checkpoints.
+        checkpoint_every: write a checkpoint every this many epochs (and after
+            the last).
+        keep_checkpoints: also keep ``checkpoint_epochNNN.pt`` per checkpoint.
+        callbacks: :class:`Callback` objects.
+        progress: show a progress bar per epoch.
+        seed: seed the global RNG and the loader at the start of ``fit``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        policy: Optional[PerturbationPolicy] = None,
+        *,
+        epochs: int = 30,
+        batch_size: int = 128,
+        lr: float = 0.2,
+        schedule: ScheduleLike = "cyclic",
+        momentum: float = 0.9,
+        momentum_schedule: Optional[Callable[[float], float]] = None,
+        weight_decay: float = 5e-4,
+        nesterov: bool = False,
+        precision: str = "auto",
+        channels_last: Optional[bool] = None,
+        compile: bool = False,
+        device: Union[str, torch.device, None] = None,
+        eval_every: int = 1,
+        eval_examples: Optional[int] = 1000,
+        eval_batch_size: int = 256,
+        eval_attack: Optional[Attack] = pgd20(),
+        run_dir: Union[str, Path, None] = None,
+        checkpoint_every: int = 1,
+        keep_checkpoints: bool = False,
+        callbacks: Sequence[Callback] = (),
+        progress: bool = True,
+        seed: Optional[int] = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if policy is not None and not isinstance(policy, PerturbationPolicy):
+            raise TypeError(f"policy must be a PerturbationPolicy, got {type(policy).__name__}")
+        if eval_attack is not None and not isinstance(eval_attack, Attack):
+            raise TypeError(f"eval_attack must be an advtrain Attack or None, got {type(eval_attack).__name__}")
+        self.epochs = check_positive_int(epochs, "epochs")
+        self.batch_size = check_positive_int(batch_size, "batch_size")
+        self.eval_every = check_positive_int(eval_every, "eval_every", minimum=0)
+        self.checkpoint_every = check_positive_int(checkpoint_every, "checkpoint_every")
+        self.eval_batch_size = check_positive_int(eval_batch_size, "eval_batch_size")
+        if eval_examples is not None:
+            check_positive_int(eval_examples, "eval_examples")
+        for name, value in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay)):
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        self.precision = check_choice(precision, "precision", PRECISIONS)
+        self.device = torch.device(device) if device is not None else torch.device(
+            "cuda" if torch.cuda.is_available() else "cpu")
+        self.channels_last = (self.device.type == "cuda") if channels_last is None else bool(channels_last)
+        self.model = model.to(self.device)
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.forward_model: nn.Module = torch.compile(self.model) if compile else self.model  # type: ignore[assignment]
+        self.policy = policy if policy is not None else CleanPolicy()
+        self.lr = float(lr)
+        self.lr_schedule = make_schedule(schedule, self.lr, self.epochs)
+        self.momentum = float(momentum)
+        self.momentum_schedule = momentum_schedule
+        self.weight_decay = float(weight_decay)
+        self.nesterov = bool(nesterov)
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=self.lr, momentum=self.momentum,
+                                         weight_decay=self.weight_decay, nesterov=self.nesterov)
+        self.eval_examples = eval_examples
+        self.eval_attack = eval_attack
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.keep_checkpoints = bool(keep_checkpoints)
+        self.callbacks: List[Callback] = list(callbacks)
+        names = [cb.name for cb in self.callbacks]
+        if len(set(names)) != len(names):
+            raise ValueError(f"callback names must be unique (they key checkpoint state), got {names}")
+        self.progress = bool(progress)
+        self.seed = seed
+        self.history = History(path=self.run_dir / METRICS_NAME if self.run_dir else None)
+        self.epoch = 0
+        self.global_step = 0
+        self.stop_training = False
+        self.loader: Optional[DeviceLoader] = None
+
+    # ------------------------------------------------------------------ setup
+    @property
+    def autocast_dtype(self) -> Optional[torch.dtype]:
+        """The autocast dtype of forward passes, or None for plain fp32."""
+        if self.precision == "bf16" or (self.precision == "auto" and self.device.type == "cuda"):
+            return torch.bfloat16
+        return None
+
+    def _autocast(self):
+        dtype = self.autocast_dtype
+        return torch.autocast(self.device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+    def config(self) -> Dict[str, Any]:
+        """The run's settings as plain values (recorded in checkpoints)."""
+        return {
+            "model": type(self.model).__name__, "policy": repr(self.policy), "epochs": self.epochs,
+            "batch_size": self.batch_size, "lr": self.lr, "momentum": self.momentum,
+            "weight_decay": self.weight_decay, "nesterov": self.nesterov, "precision": self.precision,
+            "eval_attack": repr(self.eval_attack),
+        }
+
+    def _make_loader(self, train: Any) -> DeviceLoader:
+        if isinstance(train, DeviceLoader):
+            return train
+        return DeviceLoader(train, self.batch_size, shuffle=True, augment=True, device=self.device,
+                            seed=self.seed if self.seed is not None else 0)
+
+    # ------------------------------------------------------------- checkpoints
+    def state_dict(self) -> Dict[str, Any]:
+        """Everything needed to resume: model, optimizer, schedule position,
+        policy, loader and RNG states, history and callback states."""
+        state: Dict[str, Any] = {
+            "epoch": self.epoch,
+            "global_step": self.global_step,
+            "config": self.config(),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "policy": self.policy.state_dict(),
+            "history": list(self.history.records),
+            "callbacks": {cb.name: cb.state_dict() for cb in self.callbacks},
+            "rng": {"torch": torch.get_rng_state()},
+        }
+        if torch.cuda.is_available():
+            state["rng"]["cuda"] = torch.cuda.get_rng_state_all()
+        if self.loader is not None:
+            state["loader"] = self.loader.state_dict()
+        return state
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output (after the policy's setup)."""
+        try:
+            self.model.load_state_dict(state["model"])
+        except RuntimeError as exc:
+            raise CheckpointError(
+                f"the checkpoint was written for a different model ({state.get('config', {}).get('model')}) "
+                f"than this {type(self.model).__name__}: {str(exc).splitlines()[0]}") from exc
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.policy.load_state_dict(state["policy"])
+        if self.loader is not None and "loader" in state:
+            self.loader.load_state_dict(state["loader"])
+        for cb in self.callbacks:
+            if cb.name in state.get("callbacks", {}):
+                cb.load_state_dict(state["callbacks"][cb.name])
+        self.history.records = [dict(r) for r in state["history"]]
+        self.history.rewrite()
+        self.epoch = int(state["epoch"])
+        self.global_step = int(state["global_step"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if "cuda" in state["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+
+    def save_checkpoint(self, path: Union[str, Path, None] = None) -> Path:
+        """Write a checkpoint atomically (default ``run_dir/checkpoint.pt``)."""
+        if path is None:
+            if self.run_dir is None:
+                raise ValueError("save_checkpoint needs a path when the Trainer has no run_dir")
+            path = self.run_dir / CHECKPOINT_NAME
+        return save_checkpoint(path, self.state_dict())
+
+    def _resume(self, resume: Union[bool, str, Path]) -> None:
+        if resume is True:
+            if self.run_dir is None:
+                raise ValueError("resume=True needs a run_dir; pass the checkpoint path instead")
+            path = self.run_dir / CHECKPOINT_NAME
+        else:
+            path = Path(resume)  # type: ignore[arg-type]
+        state = load_checkpoint(path, map_location=self.device)
+        saved = state.get("config", {})
+        diffs = {k: (saved[k], v) for k, v in self.config().items() if k in saved and saved[k] != v}
+        if diffs:
+            warnings.warn(f"resuming {path} with settings that differ from the checkpoint's (saved, now): {diffs}",
+                          stacklevel=3)
+        self.load_state_dict(state)
+
+    # -------------------------------------------------------------- evaluation
+    def evaluate(self, images: Tensor, labels: Tensor) -> Dict[str, float]:
+        """Clean and (with ``eval_attack``) robust accuracy of the model, in
+        eval mode, on the given images (uint8 or pixels in [0,1])."""
+        out: Dict[str, float] = {}
+        kw = dict(batch_size=self.eval_batch_size, device=self.device, autocast_dtype=self.autocast_dtype)
+        out["clean_acc"] = float(correct_predictions(self.forward_model, images, labels, **kw).float().mean())
+        if self.eval_attack is not None:
+            out["robust_acc"] = float(
+                correct_predictions(self.forward_model, images, labels, self.eval_attack, **kw).float().mean())
+        return out
+
+    # ------------------------------------------------------------------- loop
+    def fit(self, train: Any, eval_data: Any = None, *, resume: Union[bool, str, Path, None] = None) -> History:
+        """Train for the configured epochs and return the history.
+
+        ``train``: a :class:`~advtrain.data.DeviceLoader`, or anything it
+        accepts (an ``ArrayDataset``, ``(images, labels)`` tensors, any
+        ``(image, label)`` dataset), wrapped with ``batch_size``, shuffling and
+        pad-4 crop + flip. ``eval_data``: images for evaluation, in any form
+        :func:`~advtrain.data.as_tensors` accepts. ``resume``: ``True`` for
+        ``run_dir/checkpoint.pt`` or a checkpoint path.
+        """
+        if self.seed is not None:
+            torch.manual_seed(self.seed)
+        self.loader = loader = self._make_loader(train)
+        eval_images = eval_labels = None
+        if eval_data is not None and self.eval_every > 0:
+            eval_images, eval_labels = as_tensors(eval_data)
+            if self.eval_examples is not None:
+                eval_images, eval_labels = eval_images[:self.eval_examples], eval_labels[:self.eval_examples]
+        context = PolicyContext(num_examples=loader.num_examples, image_shape=tuple(loader.image_shape),
+                                padding=loader.padding, epochs=self.epochs, steps_per_epoch=len(loader),
+                                device=self.device)
+        self.policy.setup(self.model, context)
+        self.stop_training = False
+        if resume:
+            self._resume(resume)
+        elif self.history.path is not None:
+            self.history.rewrite()
+        for cb in self.callbacks:
+            cb.on_fit_start(self)
+        while self.epoch < self.epochs and not self.stop_training:
+            epoch = self.epoch
+            for cb in self.callbacks:
+                cb.on_epoch_start(self, epoch)
+            record = self._train_epoch(loader, epoch)
+            self.epoch = epoch + 1
+            last = self.epoch == self.epochs
+            if eval_images is not None and (self.epoch % self.eval_every == 0 or last):
+                t0 = time.perf_counter()
+                record.update(self.evaluate(eval_images, eval_labels))
+                record["eval_time"] = time.perf_counter() - t0
+            for cb in self.callbacks:
+                cb.on_epoch_end(self, epoch, record)
+            self.history.append(record)
+            if self.progress:
+                print(_summary(record), flush=True)
+            if self.run_dir is not None and (self.epoch % self.checkpoint_every == 0 or last or self.stop_training):
+                self.save_checkpoint()
+                if self.keep_checkpoints:
+                    save_checkpoint(self.run_dir / f"checkpoint_epoch{self.epoch:03d}.pt", self.state_dict())
+        for cb in self.callbacks:
+            cb.on_fit_end(self)
+        return self.history
+
+    def _set_hyperparameters(self, progress_epochs: float) -> float:
+        lr = float(self.lr_schedule(progress_epochs))
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+            if self.momentum_schedule is not None:
+                group["momentum"] = float(self.momentum_schedule(progress_epochs))
+        return lr
+
+    def train_step(self, batch: Batch) -> Tuple[Tensor, Tensor]:
+        """One training step on ``batch``: perturb, forward with site
+        perturbations, backward, optimizer step, tell the policy. Returns the
+        loss and the number of correct predictions as device tensors (no host
+        synchronisation)."""
+        if self.channels_last:
+            batch = dataclasses.replace(batch, x=batch.x.contiguous(memory_format=torch.channels_last))
+        self.model.train()
+        with self._autocast():
+            pert = self.policy.perturb(self.forward_model, batch)
+            with perturb_sites(self.model, pert.sites):
+                logits = self.forward_model(pert.x)
+        loss = F.cross_entropy(logits.float(), batch.y)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.policy.after_step(self.forward_model, batch, pert)
+        correct = (logits.detach().argmax(1) == batch.y).sum()
+        return loss.detach(), correct
+
+    def _train_epoch(self, loader: DeviceLoader, epoch: int) -> Dict[str, Any]:
+        steps = len(loader)
+        loader.set_epoch(epoch)
+        self.policy.start_epoch(epoch)
+        bar = ProgressBar(steps, f"epoch {epoch + 1}/{self.epochs}", enabled=self.progress)
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), device=self.device, dtype=torch.long)
+        seen = 0
+        log_every = max(1, steps // 20)
+        start = time.perf_counter()
+        lr = 0.0
+        for i, batch in enumerate(loader):
+            lr = self._set_hyperparameters(epoch + i / steps)
+            loss, n_correct = self.train_step(batch)
+            loss_sum += loss * len(batch)
+            correct += n_correct
+            seen += len(batch)
+            self.global_step += 1
+            if (i + 1) % log_every == 0 or i + 1 == steps:
+                mean_loss = float(loss_sum) / seen  # host sync only where progress is reported
+                if not math.isfinite(mean_loss):
+                    raise FloatingPointError(
+                        f"training loss became non-finite in epoch {epoch + 1} at step {i + 1}; "
+                        f"lower the learning rate or check the data (last checkpoint is kept in {self.run_dir})")
+                bar.update(i + 1 - bar.count, loss=mean_loss, acc=float(correct) / seen, lr=lr)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        elapsed = time.perf_counter() - start
+        bar.close()
+        record: Dict[str, Any] = {
+            "epoch": epoch + 1,
+            "train_loss": float(loss_sum) / max(seen, 1),
+            "train_acc": float(correct) / max(seen, 1),
+            "lr": lr,
+            "time": elapsed,
+        }
+        record.update(self.policy.metrics())
+        return record
+
+
+def _summary(record: Dict[str, Any]) -> str:
+    parts = [f"epoch {record['epoch']}"]
+    for key, label in (("train_loss", "loss"), ("train_acc", "train_acc"), ("clean_acc", "clean_acc"),
+                       ("robust_acc", "robust_acc"), ("time", "time_s")):
+        if record.get(key) is not None:
+            parts.append(f"{label}={record[key]:.4f}" if key != "time" else f"{label}={record[key]:.1f}")
+    return "  ".join(parts)
+
+
+__all__ = ["Trainer", "pgd20"]
