@@ -174,9 +174,10 @@ class APARTPolicy(PerturbationPolicy):
 
     # ----------------------------------------------------------------- state
     def metrics(self) -> Dict[str, Any]:
-        out: Dict[str, Any] = {"apart_alpha": float(self.alpha), "apart_alpha_init": float(self.alpha_init)}
+        out: Dict[str, Any] = {"apart_alpha": float(self.alpha.detach()),
+                               "apart_alpha_init": float(self.alpha_init.detach())}
         if self.site_names:
-            out["apart_alpha_sites"] = [float(v) for v in self.alpha_sites]
+            out["apart_alpha_sites"] = self.alpha_sites.detach().cpu().tolist()
         return out
 
     def state_dict(self) -> Dict[str, Any]:

@@ -101,15 +101,19 @@ class APARTTrainer(Trainer):
     or pass ``layerwise=False``. Defaults follow the reference run: training ε
     0.031, 30 epochs, batch 128, SGD with momentum cycled 0.9 → 0.8 → 0.9
     against a triangular LR 0 → 0.2 → 0, weight decay 2e-4; step sizes ascend
-    with peak LR ``step_lr`` = 5e-8 and decay ``step_weight_decay`` = 1200.
+    with peak LR ``step_lr`` = 5e-8 and decay ``step_weight_decay`` = 1200
+    from ``init_step`` = ``init_scale`` = 1e-4 (α and α_ω). The step sizes grow
+    over the run, so runs much shorter than the reference's 30 epochs × 390
+    steps need a larger ``step_lr`` or ``init_step`` to perturb as strongly.
     Evaluation uses PGD-20 at ε = 8/255.
     """
 
     def __init__(self, model: nn.Module, *, eps: float = 0.031, layerwise: bool = True,
-                 sites: Optional[Sequence[str]] = None, step_lr: float = 5e-8, step_weight_decay: float = 1200.0,
+                 sites: Optional[Sequence[str]] = None, init_step: float = 1e-4, init_scale: float = 1e-4,
+                 step_lr: float = 5e-8, step_weight_decay: float = 1200.0,
                  store_dtype: Union[str, torch.dtype] = "float32", **kwargs: Any) -> None:
-        policy = APARTPolicy(eps, layerwise=layerwise, sites=sites, lr=step_lr, weight_decay=step_weight_decay,
-                             store_dtype=store_dtype)
+        policy = APARTPolicy(eps, layerwise=layerwise, sites=sites, init_step=init_step, init_scale=init_scale,
+                             lr=step_lr, weight_decay=step_weight_decay, store_dtype=store_dtype)
         epochs = kwargs.get("epochs", 30)
         super().__init__(model, policy,
                          **_with_defaults(kwargs, epochs=30, lr=0.2, schedule="cyclic", weight_decay=2e-4,
