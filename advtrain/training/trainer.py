@@ -338,12 +338,12 @@ class Trainer:
         if self.channels_last:
             batch = dataclasses.replace(batch, x=batch.x.contiguous(memory_format=torch.channels_last))
         self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
         with self._autocast():
             pert = self.policy.perturb(self.forward_model, batch)
             with perturb_sites(self.model, pert.sites):
                 logits = self.forward_model(pert.x)
         loss = F.cross_entropy(logits.float(), batch.y)
-        self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
         self.policy.after_step(self.forward_model, batch, pert)

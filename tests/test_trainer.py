@@ -1,0 +1,291 @@
+"""The Trainer: schedules, history, checkpoints and exact resume, bad input,
+and an end-to-end check on real CIFAR-10."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from advtrain import PGD, AttackPolicy, FastATTrainer, PGDTrainer, Trainer
+from advtrain.attacks import FGSMRS
+from advtrain.data import DeviceLoader, cifar10
+from advtrain.models import SmallCNN
+from advtrain.training import Callback, CheckpointError, History, load_checkpoint, triangular
+from advtrain.training.schedules import cyclic_momentum, make_schedule, multistep
+
+
+def synthetic(n: int = 96, seed: int = 0):
+    """Images whose class is readable from the mean brightness of a channel."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 3, (n,), generator=g)
+    x = torch.randint(0, 120, (n, 3, 32, 32), generator=g, dtype=torch.uint8)
+    x[torch.arange(n), y] += 120
+    return x, y
+
+
+def small_model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return SmallCNN(num_classes=3, width=8)
+
+
+def params(model: nn.Module):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+class StopAt(Callback):
+    """Simulates a crash: raises when epoch ``epoch`` (0-based) starts."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_epoch_start(self, trainer, epoch):
+        if epoch == self.epoch:
+            raise KeyboardInterrupt("simulated kill")
+
+
+def make_trainer(run_dir, seed_model=0, **kw):
+    defaults = dict(epochs=3, batch_size=32, lr=0.05, eval_every=1, eval_examples=32,
+                    eval_attack=PGD(8 / 255, steps=2), progress=False, seed=0, run_dir=run_dir)
+    defaults.update(kw)
+    return Trainer(small_model(seed_model), AttackPolicy(FGSMRS(8 / 255, bn_mode="train")), **defaults)
+
+
+# ------------------------------------------------------------------ schedules
+def test_triangular_schedule_peaks_mid_run_and_returns_to_zero():
+    s = triangular(0.2, 30)
+    assert s(0) == 0.0 and s(30) == 0.0
+    assert s(15) == pytest.approx(0.2)
+    assert s(7.5) == pytest.approx(0.1)
+    m = cyclic_momentum(30)
+    assert m(0) == pytest.approx(0.9) and m(15) == pytest.approx(0.8) and m(30) == pytest.approx(0.9)
+
+
+def test_piecewise_schedule_decays_at_milestones():
+    s = multistep(0.1, 100)
+    assert s(0) == pytest.approx(0.1) and s(49.9) == pytest.approx(0.1)
+    assert s(50) == pytest.approx(0.01) and s(80) == pytest.approx(0.001)
+
+
+def test_unknown_schedule_name_is_rejected():
+    with pytest.raises(ValueError, match="schedule must be"):
+        make_schedule("cosine-ish", 0.1, 10)
+
+
+def test_lr_is_stepped_per_iteration():
+    seen = []
+    trainer = make_trainer(None, epochs=2, eval_every=0)
+    step = trainer.train_step
+
+    def spy(batch):
+        seen.append(trainer.optimizer.param_groups[0]["lr"])
+        return step(batch)
+
+    trainer.train_step = spy
+    trainer.fit(synthetic(64))
+    expected = [triangular(0.05, 2)(e + i / 2) for e in range(2) for i in range(2)]
+    assert seen == pytest.approx(expected)
+
+
+# ---------------------------------------------------------- history and runs
+def test_history_is_written_as_json_lines(tmp_path):
+    trainer = make_trainer(tmp_path, epochs=2)
+    history = trainer.fit(synthetic(), eval_data=synthetic(32, seed=1))
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in lines] == history.records
+    assert [r["epoch"] for r in history] == [1, 2]
+    for key in ("train_loss", "train_acc", "clean_acc", "robust_acc", "time", "lr"):
+        assert key in history[-1]
+    assert 0.0 <= history[-1]["robust_acc"] <= history[-1]["clean_acc"] <= 1.0
+    assert History.read(tmp_path / "metrics.jsonl").records == history.records
+
+
+def test_progress_bar_and_epoch_summary_are_printed(capsys):
+    trainer = make_trainer(None, epochs=1, progress=True)
+    trainer.fit(synthetic(64), eval_data=synthetic(32, seed=1))
+    captured = capsys.readouterr()
+    assert "epoch 1/1 [" in captured.err and "2/2" in captured.err
+    assert "robust_acc=" in captured.out
+
+
+def test_training_learns_the_synthetic_task():
+    trainer = Trainer(small_model(), None, epochs=4, batch_size=32, lr=0.1, eval_attack=None, progress=False,
+                      seed=0, eval_examples=None)
+    history = trainer.fit(synthetic(192), eval_data=synthetic(96, seed=1))
+    assert history[-1]["clean_acc"] > 0.8
+
+
+def test_training_leaves_no_parameter_gradients_from_the_attack():
+    trainer = make_trainer(None, epochs=1, eval_every=0)
+    seen = []
+    original = trainer.policy.perturb
+
+    def spy(model, batch):
+        out = original(model, batch)
+        seen.append(all(p.grad is None for p in trainer.model.parameters()))
+        return out
+
+    trainer.policy.perturb = spy
+    trainer.fit(synthetic(64))
+    assert seen and all(seen)
+
+
+# --------------------------------------------------------------- checkpoints
+def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path):
+    data, test = synthetic(), synthetic(32, seed=1)
+    full = make_trainer(tmp_path / "full")
+    full.fit(data, eval_data=test)
+
+    killed = make_trainer(tmp_path / "killed", callbacks=[StopAt(2)])
+    with pytest.raises(KeyboardInterrupt):
+        killed.fit(data, eval_data=test)
+    assert load_checkpoint(tmp_path / "killed" / "checkpoint.pt")["epoch"] == 2
+
+    resumed = make_trainer(tmp_path / "killed", seed_model=123)  # different init: must be overwritten
+    history = resumed.fit(data, eval_data=test, resume=True)
+
+    want, got = params(full.model), params(resumed.model)
+    assert want.keys() == got.keys()
+    for k in want:
+        assert torch.equal(want[k], got[k]), k
+    assert [r["train_loss"] for r in history] == [r["train_loss"] for r in full.history]
+    assert [r["robust_acc"] for r in history] == [r["robust_acc"] for r in full.history]
+    lines = (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 3
+
+
+def test_resume_drops_metrics_recorded_after_the_checkpoint(tmp_path):
+    trainer = make_trainer(tmp_path, epochs=2, checkpoint_every=1)
+    trainer.fit(synthetic())
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"epoch": 3, "train_loss": 0.0}) + "\n")
+    resumed = make_trainer(tmp_path, epochs=2)
+    resumed.fit(synthetic(), resume=True)
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_checkpoint_is_written_atomically_and_loads_weights_only(tmp_path):
+    trainer = make_trainer(tmp_path, epochs=1, eval_every=0)
+    trainer.fit(synthetic(64))
+    names = sorted(os.listdir(tmp_path))
+    assert names == ["checkpoint.pt", "metrics.jsonl"]  # no temporary files left behind
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert state["epoch"] == 1 and "model" in state and "optimizer" in state and "rng" in state
+
+
+def test_corrupted_checkpoint_raises_a_clear_error(tmp_path):
+    trainer = make_trainer(tmp_path, epochs=1, eval_every=0)
+    trainer.fit(synthetic(64))
+    path = tmp_path / "checkpoint.pt"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="corrupted"):
+        make_trainer(tmp_path, epochs=2).fit(synthetic(64), resume=True)
+
+
+def test_missing_checkpoint_and_foreign_files_are_rejected(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        make_trainer(tmp_path, epochs=1).fit(synthetic(64), resume=True)
+    torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="not an advtrain checkpoint"):
+        make_trainer(tmp_path, epochs=1).fit(synthetic(64), resume=tmp_path / "other.pt")
+
+
+def test_checkpoint_from_another_model_is_rejected(tmp_path):
+    make_trainer(tmp_path, epochs=1, eval_every=0).fit(synthetic(64))
+    torch.manual_seed(0)
+    other = Trainer(SmallCNN(num_classes=3, width=4), epochs=2, batch_size=32, progress=False, run_dir=tmp_path)
+    with pytest.raises(CheckpointError, match="different model"):
+        other.fit(synthetic(64), resume=True)
+
+
+def test_stop_training_from_a_callback_ends_the_run_with_a_checkpoint(tmp_path):
+    class StopAfterFirst(Callback):
+        def on_epoch_end(self, trainer, epoch, record):
+            trainer.stop_training = True
+
+    trainer = make_trainer(tmp_path, epochs=5, callbacks=[StopAfterFirst()], eval_every=0)
+    history = trainer.fit(synthetic(64))
+    assert len(history) == 1
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["epoch"] == 1
+
+
+# ------------------------------------------------------------------ bad input
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(epochs=0), "epochs must be >= 1"),
+    (dict(batch_size=0), "batch_size must be >= 1"),
+    (dict(lr=-0.1), "lr must be a finite number >= 0"),
+    (dict(precision="fp8"), "precision must be one of"),
+    (dict(schedule="nope"), "schedule must be"),
+])
+def test_bad_trainer_settings_are_rejected(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Trainer(small_model(), **kwargs)
+
+
+def test_bad_types_are_rejected():
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        Trainer("resnet")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="policy must be a PerturbationPolicy"):
+        Trainer(small_model(), PGD(8 / 255))  # type: ignore[arg-type]
+
+
+def test_training_data_outside_the_pixel_range_is_rejected():
+    x = torch.rand(8, 3, 32, 32) * 2
+    with pytest.raises(ValueError):
+        make_trainer(None, epochs=1).fit((x, torch.zeros(8, dtype=torch.long)))
+
+
+def test_missing_dataset_directory_is_reported(tmp_path):
+    with pytest.raises(FileNotFoundError, match="cifar-10-batches-py"):
+        cifar10(tmp_path / "nowhere")
+
+
+def test_cli_reports_errors_in_one_line(tmp_path, capsys):
+    from advtrain.cli import main
+
+    code = main(["train", "--data", str(tmp_path / "nowhere"), "--epochs", "1"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("advtrain: error:") and "\n" not in err
+
+
+def test_non_finite_loss_stops_with_a_clear_error():
+    trainer = make_trainer(None, epochs=1, lr=1e30, eval_every=0)
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        trainer.fit(synthetic(96))
+
+
+# ----------------------------------------------------------------- real data
+@pytest.mark.realdata
+def test_pgd_training_is_more_robust_than_standard_training(cifar10_dir):
+    train = cifar10(cifar10_dir, train=True).subset(4000)
+    test = cifar10(cifar10_dir, train=False)
+    common = dict(epochs=4, batch_size=128, lr=0.1, eval_every=4, eval_examples=500, progress=False, seed=0,
+                  eval_attack=PGD(8 / 255, steps=10, step_size=2 / 255))
+
+    torch.manual_seed(0)
+    standard = Trainer(SmallCNN(width=16), **common).fit(train, eval_data=test)[-1]
+    torch.manual_seed(0)
+    robust = PGDTrainer(SmallCNN(width=16), steps=3, step_size=2.5 * (8 / 255) / 3, **common).fit(
+        train, eval_data=test)[-1]
+    print(f"standard: {standard}\nPGD-3: {robust}")
+    assert standard["clean_acc"] > 0.3, "standard training did not learn: check the data"
+    assert robust["robust_acc"] > standard["robust_acc"] + 0.08
+    assert robust["robust_acc"] > 0.12
+
+
+def test_fast_at_preset_uses_papers_defaults():
+    t = FastATTrainer(small_model(), progress=False)
+    assert t.epochs == 15 and t.lr == 0.2
+    attack = t.policy.attack
+    assert attack.step_size == pytest.approx(1.25 * 8 / 255) and attack.random_start and attack.bn_mode == "train"
+
+
+def test_device_loader_is_used_as_given():
+    x, y = synthetic(64)
+    loader = DeviceLoader((x, y), 16, seed=3)
+    trainer = make_trainer(None, epochs=1, eval_every=0)
+    trainer.fit(loader)
+    assert trainer.loader is loader and trainer.global_step == 4
