@@ -243,6 +243,15 @@ class DeviceLoader:
         dtype: floating dtype of ``Batch.x`` (pixels in [0, 1]).
         seed: non-negative int; epoch ``e``'s order and augmentation are a
             function of ``(seed, e)`` only.
+        num_shards: split the examples into this many fixed shards by index
+            (shard ``s`` holds the indices ``i`` with ``i % num_shards == s``),
+            each shuffled on its own and padded by wrap-around to the size of
+            the largest, so every shard yields the same number of batches.
+        shard: yield only this shard's examples, ``batch_size`` per batch (one
+            process of a distributed run: ``shard = rank``). With
+            ``shard=None`` and ``num_shards > 1`` every batch takes
+            ``batch_size / num_shards`` examples from each shard: the global
+            batch of a distributed run, in one process.
 
     Each epoch draws its permutation and every example's crop and flip at
     once from a generator seeded with ``(seed, epoch)``, so epochs are
@@ -265,8 +274,17 @@ class DeviceLoader:
         device: Union[None, str, torch.device] = None,
         dtype: torch.dtype = torch.float32,
         seed: int = 0,
+        num_shards: int = 1,
+        shard: Optional[int] = None,
     ) -> None:
         self.batch_size = check_positive_int(batch_size, "batch_size")
+        self.num_shards = check_positive_int(num_shards, "num_shards")
+        if shard is not None and not 0 <= check_positive_int(shard, "shard", minimum=0) < self.num_shards:
+            raise ValueError(f"shard must be in [0, {self.num_shards - 1}], got {shard}")
+        self.shard = shard
+        if shard is None and self.batch_size % self.num_shards:
+            raise ValueError(f"batch_size {self.batch_size} must be divisible by num_shards {self.num_shards} "
+                             "when one loader yields the batches of all shards")
         self.padding = check_positive_int(padding, "padding", minimum=0)
         self._seed = check_positive_int(seed, "seed", minimum=0)
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
@@ -285,7 +303,9 @@ class DeviceLoader:
         self.classes: Optional[List[str]] = (
             [str(c) for c in classes] if classes is not None and len(classes) else None
         )
-        if self.drop_last and self.num_examples < self.batch_size:
+        if self.num_examples < self.num_shards:
+            raise ValueError(f"{self.num_examples} examples cannot be split into {self.num_shards} shards")
+        if self.drop_last and self._shard_length < self._shard_batch:
             raise ValueError(
                 f"drop_last=True with {self.num_examples} examples and batch_size "
                 f"{self.batch_size} yields no batch"
@@ -309,11 +329,21 @@ class DeviceLoader:
         """The epoch the next batch belongs to (0-based)."""
         return self._epoch
 
+    @property
+    def _shard_length(self) -> int:
+        """Examples per shard and epoch (the largest shard's size)."""
+        return math.ceil(self.num_examples / self.num_shards)
+
+    @property
+    def _shard_batch(self) -> int:
+        """Examples each shard contributes to one batch."""
+        return self.batch_size if self.shard is not None else self.batch_size // self.num_shards
+
     def __len__(self) -> int:
         """Batches per epoch."""
         if self.drop_last:
-            return self.num_examples // self.batch_size
-        return math.ceil(self.num_examples / self.batch_size)
+            return self._shard_length // self._shard_batch
+        return math.ceil(self._shard_length / self._shard_batch)
 
     def set_epoch(self, epoch: int) -> None:
         """Make the next iteration run epoch ``epoch`` from its first batch."""
@@ -321,14 +351,18 @@ class DeviceLoader:
         self._position = 0
 
     def _plan(self, epoch: int) -> Tuple[Tensor, Optional[Augmentation]]:
-        """The example order and per-position augmentation of one epoch."""
+        """One epoch's example order per shard, shape (num_shards, shard
+        length), and every example's augmentation (indexed by dataset index)."""
         generator = torch.Generator(device=self.device)
         generator.manual_seed(_epoch_seed(self._seed, epoch))
-        n = self.num_examples
-        if self.shuffle:
-            order = torch.randperm(n, generator=generator, device=self.device)
-        else:
-            order = torch.arange(n, device=self.device)
+        n, shards, length = self.num_examples, self.num_shards, self._shard_length
+        rows = []
+        for s in range(shards):
+            members = torch.arange(s, n, shards, device=self.device)
+            if self.shuffle:
+                members = members[torch.randperm(members.numel(), generator=generator, device=self.device)]
+            rows.append(members.repeat(math.ceil(length / members.numel()))[:length])
+        order = torch.stack(rows)
         aug = random_augmentation(n, self.padding, generator, self.device) if self.augment else None
         return order, aug
 
@@ -342,15 +376,15 @@ class DeviceLoader:
             self._position = 0
         epoch = self._epoch
         order, aug = self._plan(epoch)
+        if self.shard is not None:
+            order = order[self.shard:self.shard + 1]
+        step = self._shard_batch
         for b in range(self._position, len(self)):
-            window = slice(b * self.batch_size, min((b + 1) * self.batch_size, self.num_examples))
-            index = order[window]
+            index = order[:, b * step:(b + 1) * step].reshape(-1)
             x = self.images[index]
             batch_aug = None
             if aug is not None:
-                batch_aug = Augmentation(
-                    aug.top[window], aug.left[window], aug.flip[window], self.padding
-                )
+                batch_aug = Augmentation(aug.top[index], aug.left[index], aug.flip[index], self.padding)
                 x = apply_augmentation(x, batch_aug)
             self._position = b + 1
             yield Batch(self._to_float(x), self.labels[index], index, batch_aug)
@@ -366,19 +400,23 @@ class DeviceLoader:
             "position": self._position,
             "num_examples": self.num_examples,
             "batch_size": self.batch_size,
+            "num_shards": self.num_shards,
+            "shard": -1 if self.shard is None else self.shard,
         }
 
     def load_state_dict(self, state: Mapping[str, int]) -> None:
         """Continue from a :meth:`state_dict`, taken from a loader over the
         same split with the same batch size."""
-        expected = {"seed", "epoch", "position", "num_examples", "batch_size"}
+        expected = {"seed", "epoch", "position", "num_examples", "batch_size", "num_shards", "shard"}
         if set(state) != expected:
             raise ValueError(f"loader state must have keys {sorted(expected)}, got {sorted(state)}")
-        for key in ("num_examples", "batch_size"):
-            if int(state[key]) != getattr(self, key):
+        mine = {"num_examples": self.num_examples, "batch_size": self.batch_size, "num_shards": self.num_shards,
+                "shard": -1 if self.shard is None else self.shard}
+        for key in mine:
+            if int(state[key]) != mine[key]:
                 raise ValueError(
                     f"loader state is for {key}={int(state[key])}, "
-                    f"this loader has {getattr(self, key)}"
+                    f"this loader has {mine[key]}"
                 )
         self._seed = check_positive_int(int(state["seed"]), "seed", minimum=0)
         self._epoch = check_positive_int(int(state["epoch"]), "epoch", minimum=0)

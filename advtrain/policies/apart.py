@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from .._validation import check_radius
 from ..attacks.base import model_mode
 from ..data.batch import Batch
+from ..distributed import average_gradients
 from ..models.sites import attach_sites, capture_sites, find_sites, perturb_sites
 from .base import Perturbation, PerturbationPolicy, PolicyContext
 from .store import PerExampleStore, resolve_store_dtype
@@ -115,8 +116,7 @@ class APARTPolicy(PerturbationPolicy):
         self.alpha_sites = torch.full((len(self.site_names),), self.site_init, device=device, requires_grad=True)
         self.optimizer = torch.optim.SGD(self.parameters(), lr=0.0, momentum=self.momentum,
                                          weight_decay=self.weight_decay, maximize=True)
-        self.store = PerExampleStore(context.num_examples, context.image_shape, context.padding, device,
-                                     self.store_dtype)
+        self.store = PerExampleStore.for_context(context, self.store_dtype)
         self.store.data.copy_(0.001 * torch.randn(self.store.data.shape, device=device))
         self.step = 0
 
@@ -168,6 +168,7 @@ class APARTPolicy(PerturbationPolicy):
         for group in self.optimizer.param_groups:
             group["lr"] = _triangle(self.lr, progress)
             group["momentum"] = self.momentum - 0.1 * (1.0 - abs(2.0 * progress - 1.0))
+        average_gradients(self.parameters())
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1

@@ -59,8 +59,7 @@ class ATTAPolicy(PerturbationPolicy):
         return float(self.attack.eps)
 
     def setup(self, model: nn.Module, context: PolicyContext) -> None:
-        self.store = PerExampleStore(context.num_examples, context.image_shape, context.padding, context.device,
-                                     self.store_dtype)
+        self.store = PerExampleStore.for_context(context, self.store_dtype)
 
     def start_epoch(self, epoch: int) -> None:
         assert self.store is not None, "ATTAPolicy.setup must run before training"

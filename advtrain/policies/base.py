@@ -20,7 +20,9 @@ class PolicyContext:
     by dataset index in ``[0, num_examples)``). ``image_shape``: (C, H, W).
     ``padding``: crop padding of the loader's augmentation (stores live in
     padded coordinates). ``epochs`` and ``steps_per_epoch``: for schedules.
-    ``device``: where batches arrive.
+    ``device``: where batches arrive. ``shard`` / ``num_shards``: in a
+    distributed run this process only sees the examples with
+    ``index % num_shards == shard`` and keeps per-example state for those only.
     """
 
     num_examples: int
@@ -29,6 +31,8 @@ class PolicyContext:
     epochs: int
     steps_per_epoch: int
     device: torch.device
+    shard: int = 0
+    num_shards: int = 1
 
 
 @dataclass

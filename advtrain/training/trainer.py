@@ -12,8 +12,10 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
 from .._validation import check_choice, check_positive_int
+from .. import distributed as dist_utils
 from ..attacks.base import Attack
 from ..attacks.pgd import PGD
 from ..data.batch import Batch
@@ -82,7 +84,14 @@ class Trainer:
         keep_checkpoints: also keep ``checkpoint_epochNNN.pt`` per checkpoint.
         callbacks: :class:`Callback` objects.
         progress: show a progress bar per epoch.
-        seed: seed the global RNG and the loader at the start of ``fit``.
+        seed: seed the global RNG and the loader at the start of ``fit`` (in a
+            distributed run, process ``r`` seeds its RNG with ``seed + r``).
+        distributed: train data-parallel over the initialized
+            ``torch.distributed`` process group (default: whenever one with
+            more than one process is initialized, e.g. under ``torchrun``
+            after :func:`advtrain.distributed.init_distributed`).
+            ``batch_size`` is then per process; see :mod:`advtrain.distributed`
+            for how data, BatchNorm statistics, stores and checkpoints are handled.
     """
 
     def __init__(
@@ -112,6 +121,7 @@ class Trainer:
         callbacks: Sequence[Callback] = (),
         progress: bool = True,
         seed: Optional[int] = None,
+        distributed: Optional[bool] = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -130,13 +140,33 @@ class Trainer:
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
         self.precision = check_choice(precision, "precision", PRECISIONS)
-        self.device = torch.device(device) if device is not None else torch.device(
-            "cuda" if torch.cuda.is_available() else "cpu")
+        if distributed is None:
+            distributed = dist_utils.is_distributed()
+        elif distributed and not dist_utils.is_distributed():
+            raise ValueError("distributed=True needs an initialized torch.distributed process group of more than "
+                             "one process: launch with torchrun and call advtrain.distributed.init_distributed()")
+        self.distributed = bool(distributed)
+        self.rank = dist_utils.rank() if self.distributed else 0
+        self.world_size = dist_utils.world_size() if self.distributed else 1
+        self.is_main = self.rank == 0
+        if device is not None:
+            self.device = torch.device(device)
+        elif self.distributed:
+            self.device = dist_utils.local_device()
+        else:
+            self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.channels_last = (self.device.type == "cuda") if channels_last is None else bool(channels_last)
         self.model = model.to(self.device)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        # Attacks and policies run on forward_model (never DDP-wrapped: no
+        # gradient synchronisation); the training forward runs on train_model.
         self.forward_model: nn.Module = torch.compile(self.model) if compile else self.model  # type: ignore[assignment]
+        self.train_model: nn.Module = self.forward_model
+        if self.distributed:
+            ddp = DistributedDataParallel(self.model, device_ids=[self.device] if self.device.type == "cuda" else None,
+                                          broadcast_buffers=False)
+            self.train_model = torch.compile(ddp) if compile else ddp  # type: ignore[assignment]
         self.policy = policy if policy is not None else CleanPolicy()
         self.lr = float(lr)
         self.lr_schedule = make_schedule(schedule, self.lr, self.epochs)
@@ -154,9 +184,9 @@ class Trainer:
         names = [cb.name for cb in self.callbacks]
         if len(set(names)) != len(names):
             raise ValueError(f"callback names must be unique (they key checkpoint state), got {names}")
-        self.progress = bool(progress)
+        self.progress = bool(progress) and self.is_main
         self.seed = seed
-        self.history = History(path=self.run_dir / METRICS_NAME if self.run_dir else None)
+        self.history = History(path=self.run_dir / METRICS_NAME if self.run_dir and self.is_main else None)
         self.epoch = 0
         self.global_step = 0
         self.stop_training = False
@@ -184,10 +214,14 @@ class Trainer:
         }
 
     def _make_loader(self, train: Any) -> DeviceLoader:
+        shards, shard = (self.world_size, self.rank) if self.distributed else (1, None)
         if isinstance(train, DeviceLoader):
+            if self.distributed and (train.num_shards, train.shard) != (shards, shard):
+                raise ValueError(f"in a distributed run the loader of rank {self.rank} needs num_shards="
+                                 f"{shards}, shard={shard}; got num_shards={train.num_shards}, shard={train.shard}")
             return train
         return DeviceLoader(train, self.batch_size, shuffle=True, augment=True, device=self.device,
-                            seed=self.seed if self.seed is not None else 0)
+                            seed=self.seed if self.seed is not None else 0, num_shards=shards, shard=shard)
 
     # ------------------------------------------------------------- checkpoints
     def state_dict(self) -> Dict[str, Any]:
@@ -234,12 +268,25 @@ class Trainer:
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
 
     def save_checkpoint(self, path: Union[str, Path, None] = None) -> Path:
-        """Write a checkpoint atomically (default ``run_dir/checkpoint.pt``)."""
+        """Write a checkpoint atomically (default ``run_dir/checkpoint.pt``).
+
+        In a distributed run rank 0 writes ``path`` and every rank ``r`` also
+        writes ``<path stem>.rank<r>.pt`` with its own policy state (its shard
+        of any per-example store) and RNG state; all ranks must call this."""
         if path is None:
             if self.run_dir is None:
                 raise ValueError("save_checkpoint needs a path when the Trainer has no run_dir")
             path = self.run_dir / CHECKPOINT_NAME
-        return save_checkpoint(path, self.state_dict())
+        path = Path(path)
+        state = self.state_dict()
+        if self.distributed:
+            save_checkpoint(_rank_path(path, self.rank), {"policy": state.pop("policy"), "rng": state["rng"],
+                                                          "world_size": self.world_size})
+            if self.is_main:
+                save_checkpoint(path, state)
+            dist_utils.barrier()
+            return path
+        return save_checkpoint(path, state)
 
     def _resume(self, resume: Union[bool, str, Path]) -> None:
         if resume is True:
@@ -249,6 +296,12 @@ class Trainer:
         else:
             path = Path(resume)  # type: ignore[arg-type]
         state = load_checkpoint(path, map_location=self.device)
+        if self.distributed:
+            part = load_checkpoint(_rank_path(path, self.rank), map_location=self.device)
+            if int(part["world_size"]) != self.world_size:
+                raise CheckpointError(f"{path} was written by {part['world_size']} processes; "
+                                      f"resume it with the same number, not {self.world_size}")
+            state["policy"], state["rng"] = part["policy"], part["rng"]
         saved = state.get("config", {})
         diffs = {k: (saved[k], v) for k, v in self.config().items() if k in saved and saved[k] != v}
         if diffs:
@@ -260,12 +313,19 @@ class Trainer:
     def evaluate(self, images: Tensor, labels: Tensor) -> Dict[str, float]:
         """Clean and (with ``eval_attack``) robust accuracy of the model, in
         eval mode, on the given images (uint8 or pixels in [0,1])."""
-        out: Dict[str, float] = {}
+        if self.distributed:  # each rank evaluates its share; counts are summed
+            images, labels = images[self.rank::self.world_size], labels[self.rank::self.world_size]
         kw = dict(batch_size=self.eval_batch_size, device=self.device, autocast_dtype=self.autocast_dtype)
-        out["clean_acc"] = float(correct_predictions(self.forward_model, images, labels, **kw).float().mean())
+        counts = [correct_predictions(self.forward_model, images, labels, **kw).sum()]
         if self.eval_attack is not None:
-            out["robust_acc"] = float(
-                correct_predictions(self.forward_model, images, labels, self.eval_attack, **kw).float().mean())
+            counts.append(correct_predictions(self.forward_model, images, labels, self.eval_attack, **kw).sum())
+        totals = torch.tensor([float(c) for c in counts] + [float(labels.shape[0])], device=self.device)
+        if self.distributed:
+            dist_utils.all_reduce_sum(totals)
+        *correct, n = totals.tolist()
+        out = {"clean_acc": correct[0] / n}
+        if self.eval_attack is not None:
+            out["robust_acc"] = correct[1] / n
         return out
 
     # ------------------------------------------------------------------- loop
@@ -280,7 +340,7 @@ class Trainer:
         ``run_dir/checkpoint.pt`` or a checkpoint path.
         """
         if self.seed is not None:
-            torch.manual_seed(self.seed)
+            torch.manual_seed(self.seed + self.rank)
         self.loader = loader = self._make_loader(train)
         eval_images = eval_labels = None
         if eval_data is not None and self.eval_every > 0:
@@ -289,7 +349,7 @@ class Trainer:
                 eval_images, eval_labels = eval_images[:self.eval_examples], eval_labels[:self.eval_examples]
         context = PolicyContext(num_examples=loader.num_examples, image_shape=tuple(loader.image_shape),
                                 padding=loader.padding, epochs=self.epochs, steps_per_epoch=len(loader),
-                                device=self.device)
+                                device=self.device, shard=self.rank, num_shards=self.world_size)
         self.policy.setup(self.model, context)
         self.stop_training = False
         if resume:
@@ -311,15 +371,19 @@ class Trainer:
                 record["eval_time"] = time.perf_counter() - t0
             for cb in self.callbacks:
                 cb.on_epoch_end(self, epoch, record)
+            if self.distributed:  # stop together when any rank's callback asks to
+                flag = dist_utils.all_reduce_sum(torch.tensor([float(self.stop_training)], device=self.device))
+                self.stop_training = bool(flag.item() > 0)
             self.history.append(record)
             if self.progress:
                 print(_summary(record), flush=True)
             if self.run_dir is not None and (self.epoch % self.checkpoint_every == 0 or last or self.stop_training):
                 self.save_checkpoint()
                 if self.keep_checkpoints:
-                    save_checkpoint(self.run_dir / f"checkpoint_epoch{self.epoch:03d}.pt", self.state_dict())
+                    self.save_checkpoint(self.run_dir / f"checkpoint_epoch{self.epoch:03d}.pt")
         for cb in self.callbacks:
             cb.on_fit_end(self)
+        dist_utils.barrier()
         return self.history
 
     def _set_hyperparameters(self, progress_epochs: float) -> float:
@@ -342,7 +406,7 @@ class Trainer:
         with self._autocast():
             pert = self.policy.perturb(self.forward_model, batch)
             with perturb_sites(self.model, pert.sites):
-                logits = self.forward_model(pert.x)
+                logits = self.train_model(pert.x)
         loss = F.cross_entropy(logits.float(), batch.y)
         loss.backward()
         self.optimizer.step()
@@ -379,15 +443,25 @@ class Trainer:
             torch.cuda.synchronize(self.device)
         elapsed = time.perf_counter() - start
         bar.close()
+        totals = torch.stack([loss_sum, correct.to(loss_sum.dtype), torch.tensor(float(seen), device=self.device)])
+        if self.distributed:
+            dist_utils.all_reduce_sum(totals)
+            dist_utils.average_buffers(self.model)
+        loss_total, correct_total, seen_total = totals.tolist()
         record: Dict[str, Any] = {
             "epoch": epoch + 1,
-            "train_loss": float(loss_sum) / max(seen, 1),
-            "train_acc": float(correct) / max(seen, 1),
+            "train_loss": loss_total / max(seen_total, 1.0),
+            "train_acc": correct_total / max(seen_total, 1.0),
             "lr": lr,
             "time": elapsed,
         }
         record.update(self.policy.metrics())
         return record
+
+
+def _rank_path(path: Path, rank: int) -> Path:
+    """Where rank ``rank`` keeps its part of the checkpoint at ``path``."""
+    return path.with_name(f"{path.stem}.rank{rank}{path.suffix}")
 
 
 def _summary(record: Dict[str, Any]) -> str:
