@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence, Tuple
 
 from .config import RESERVED, load_config, resolve_config
+from .training.callbacks import Callback
 
 METHODS = ("standard", "fgsm", "fgsm-rs", "nfgsm", "pgd", "atta", "apart")
 MODELS = ("preactresnet18", "wideresnet", "smallcnn")
@@ -131,9 +132,12 @@ def _train_parser(sub: Any) -> argparse.ArgumentParser:
 
 def build_trainer(args: argparse.Namespace, num_classes: int) -> Any:
     """The Trainer preset for ``args.method`` with the command's overrides."""
+    import torch
+
     from . import training
     from .models import build_model
 
+    torch.manual_seed(args.seed)  # the same --seed gives the same initial weights
     model = build_model(args.model, num_classes=num_classes)
     kwargs: Dict[str, Any] = dict(batch_size=args.batch_size, precision=args.precision, compile=args.compile,
                                   device=args.device, seed=args.seed, run_dir=args.out,
@@ -177,15 +181,30 @@ def recorded_options(args: argparse.Namespace) -> Dict[str, Any]:
     return {k: v for k, v in vars(args).items() if k not in RESERVED}
 
 
+class _RecordConfig(Callback):
+    """Writes the resolved options to ``config.json`` when training starts,
+    after a resumed checkpoint has loaded (so a failed resume leaves the run's
+    record as it was)."""
+
+    @property
+    def name(self) -> str:
+        return "advtrain.cli.config"
+
+    def __init__(self, path: Path, options: Dict[str, Any]) -> None:
+        self.path, self.options = path, options
+
+    def on_fit_start(self, trainer: Any) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps(self.options, indent=2) + "\n")
+
+
 def run_train(args: argparse.Namespace) -> int:
     if args.resume and not args.out:
         raise CLIError("--resume needs --out (the run directory to continue)")
     train, test = _read_splits(args)
     trainer = build_trainer(args, num_classes=len(train.classes))
     if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / CONFIG_NAME).write_text(json.dumps(recorded_options(args), indent=2) + "\n")
+        trainer.callbacks.append(_RecordConfig(Path(args.out) / CONFIG_NAME, recorded_options(args)))
     history = trainer.fit(train, eval_data=test, resume=bool(args.resume))
     last = history[-1]
     total = sum(r.get("time", 0.0) for r in history)
@@ -482,6 +501,11 @@ def _show_warning(message: Any, category: Any, filename: str, lineno: int, file:
     print(f"advtrain: warning: {message}", file=sys.stderr if file is None else file)
 
 
+def _exit_status(exc: SystemExit) -> int:
+    code = exc.code
+    return code if isinstance(code, int) else (0 if code is None else 2)
+
+
 def _one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split())
     return text or type(exc).__name__
@@ -491,14 +515,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``advtrain`` console script."""
     parser = make_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version and usage errors (already printed)
+        return _exit_status(exc)
     debug = bool(os.environ.get("ADVTRAIN_TRACEBACK"))
     with warnings.catch_warnings():
         if not debug:
             warnings.showwarning = _show_warning
         try:
             if args.command == "train":
-                args = _apply_config(parser, _subparser(parser, "train"), argv, args)
+                try:
+                    args = _apply_config(parser, _subparser(parser, "train"), argv, args)
+                except SystemExit as exc:
+                    return _exit_status(exc)
             return int(args.func(args))
         except (CLIError, ValueError, OSError) as exc:
             if debug:

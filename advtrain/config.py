@@ -170,7 +170,7 @@ def resolve_config(parser: argparse.ArgumentParser, config: Mapping[str, Any],
         try:
             out[key] = _convert(options[key], value)
         except ValueError as exc:
-            raise ConfigError(f"{where}: {key} {exc}") from None
+            raise ConfigError(f"{where}: {key}: {exc}") from None
     return out
 
 

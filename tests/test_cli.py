@@ -1,0 +1,323 @@
+"""The ``advtrain`` command line: train with a config file and overrides,
+resume, eval reports, plots, bench discovery, and one-line errors."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from _tiny_cifar import write_tiny_cifar10
+from advtrain import cli
+from advtrain.config import ConfigError, load_config, resolve_config
+from advtrain.models import PreActResNet18
+from advtrain.training import Trainer
+
+TINY = ["--model", "smallcnn", "--batch-size", "64", "--eval-examples", "32", "--no-progress", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    return write_tiny_cifar10(tmp_path_factory.mktemp("cifar"), n_train=128, n_test=64)
+
+
+@pytest.fixture(scope="module")
+def trained_run(data_dir, tmp_path_factory) -> Path:
+    """A 1-epoch FGSM-RS SmallCNN run directory, shared by the eval and plot tests."""
+    out = tmp_path_factory.mktemp("runs") / "fgsm-rs"
+    assert cli.main(["train", "--method", "fgsm-rs", "--data", str(data_dir), "--epochs", "1", "--out", str(out),
+                     *TINY]) == 0
+    return out
+
+
+def run_cli(capsys, *argv: str):
+    """Run the command in-process; returns (exit status, stdout, stderr)."""
+    rc = cli.main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err
+
+
+def assert_one_error_line(err: str, *fragments: str) -> str:
+    """The last stderr line is the error, mentioning every fragment; no traceback."""
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines, "no error message"
+    assert "Traceback" not in err
+    assert lines[-1].startswith("advtrain: error: ")
+    assert all(not line.startswith("advtrain: error") for line in lines[:-1])
+    for fragment in fragments:
+        assert fragment in lines[-1]
+    return lines[-1]
+
+
+def read_metrics(run: Path):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+# ------------------------------------------------------------------- train
+def test_train_with_a_toml_config_and_a_flag_override(data_dir, tmp_path, capsys):
+    config = tmp_path / "fast.toml"
+    config.write_text(f'''
+method = "fgsm-rs"
+model = "smallcnn"
+data = "{data_dir}"
+epochs = 3
+batch-size = 64          # dashed and underscored keys both work
+eval_examples = 32
+eps = "8/255"
+no_progress = true
+device = "cpu"
+''')
+    out = tmp_path / "run"
+    rc, stdout, _ = run_cli(capsys, "train", "--config", config, "--epochs", "1", "--out", out)
+    assert rc == 0
+    assert "done: fgsm-rs smallcnn 1 epochs" in stdout
+    recorded = json.loads((out / "config.json").read_text())
+    assert recorded["epochs"] == 1  # the flag beat the file
+    assert recorded["method"] == "fgsm-rs" and recorded["model"] == "smallcnn"
+    assert recorded["batch_size"] == 64 and recorded["eval_examples"] == 32
+    assert recorded["eps"] == pytest.approx(8 / 255)
+    assert "config" not in recorded and "func" not in recorded
+    assert [r["epoch"] for r in read_metrics(out)] == [1]
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert state["config"]["model"] == "SmallCNN" and state["config"]["batch_size"] == 64
+    assert "eps=0.0313725" in state["config"]["policy"]
+
+
+def test_recorded_config_json_is_a_valid_config_file(data_dir, trained_run, tmp_path, capsys):
+    parser = cli.make_parser()
+    sub = cli._subparser(parser, "train")
+    options = resolve_config(sub, load_config(trained_run / "config.json"))
+    assert options["method"] == "fgsm-rs" and options["epochs"] == 1 and options["data"] == str(data_dir)
+
+
+def test_json_config_values_are_checked_like_flags(tmp_path):
+    sub = cli._subparser(cli.make_parser(), "train")
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"batch-size": 32, "eps": 0.031, "lr": 1, "compile": False, "steps": 3}))
+    assert resolve_config(sub, load_config(path)) == {"batch_size": 32, "eps": 0.031, "lr": 1.0,
+                                                      "compile": False, "steps": 3}
+    bad = {"epochs": "ten", "batch_size": 0, "eps": 8, "method": "foo", "compile": "yes", "lr": float("nan"),
+           "device": 3}
+    for key, value in bad.items():
+        with pytest.raises(ConfigError, match=key):
+            resolve_config(sub, {key: value}, source="c.json")
+    path.write_text(json.dumps({"batch-size": 32, "batch_size": 64}))
+    with pytest.raises(ConfigError, match="given twice"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("content, fragments", [
+    ('method = "apart"\nlearning_rate = 0.1\nfoo = 1\n', ["unknown options 'learning_rate', 'foo'", "known:"]),
+    ('method = "sgd"\n', ["method", "invalid choice 'sgd'"]),
+    ('eps = 8\n', ["eps", "did you mean 8/255"]),
+    ('epochs = 2.5\n', ["epochs: not an integer"]),
+    ('method = \n', ["not valid TOML"]),
+])
+def test_bad_config_files_are_one_error_line(data_dir, tmp_path, capsys, content, fragments):
+    config = tmp_path / "bad.toml"
+    config.write_text(content)
+    rc, _, err = run_cli(capsys, "train", "--config", config, "--data", data_dir)
+    assert rc == 2
+    assert_one_error_line(err, str(config), *fragments)
+
+
+def test_missing_config_file(data_dir, tmp_path, capsys):
+    rc, _, err = run_cli(capsys, "train", "--config", tmp_path / "nope.toml", "--data", data_dir)
+    assert rc == 2
+    assert_one_error_line(err, "nope.toml", "does not exist")
+
+
+def test_resume_continues_an_interrupted_run_with_its_recorded_settings(data_dir, tmp_path, capsys, monkeypatch):
+    common = ["--method", "fgsm-rs", "--data", data_dir, "--epochs", "2", *TINY]
+    full = tmp_path / "full"
+    assert run_cli(capsys, "train", *common, "--out", full)[0] == 0
+
+    interrupted = tmp_path / "interrupted"
+    original = Trainer._train_epoch
+
+    def crash_in_second_epoch(self, loader, epoch):
+        if epoch == 1:
+            raise KeyboardInterrupt
+        return original(self, loader, epoch)
+
+    monkeypatch.setattr(Trainer, "_train_epoch", crash_in_second_epoch)
+    rc, _, err = run_cli(capsys, "train", *common, "--out", interrupted)
+    assert rc == 130 and "interrupted" in err
+    assert [r["epoch"] for r in read_metrics(interrupted)] == [1]
+    monkeypatch.setattr(Trainer, "_train_epoch", original)
+
+    # Only --out and --resume: everything else comes from OUT/config.json.
+    rc, stdout, err = run_cli(capsys, "train", "--out", interrupted, "--resume")
+    assert rc == 0, err
+    assert "done: fgsm-rs smallcnn 2 epochs" in stdout
+    resumed, reference = read_metrics(interrupted), read_metrics(full)
+    assert [r["epoch"] for r in resumed] == [1, 2]
+    for a, b in zip(resumed, reference):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+        assert a["clean_acc"] == pytest.approx(b["clean_acc"])
+    assert json.loads((interrupted / "config.json").read_text())["resume"] is True
+
+
+def test_resume_with_another_model_is_refused_and_keeps_the_record(trained_run, capsys):
+    before = (trained_run / "config.json").read_text()
+    rc, _, err = run_cli(capsys, "train", "--out", trained_run, "--resume", "--model", "wideresnet")
+    assert rc == 2
+    assert_one_error_line(err, "different model", "SmallCNN")
+    assert (trained_run / "config.json").read_text() == before
+
+
+@pytest.mark.parametrize("argv, fragments", [
+    (["train", "--method", "sgd", "--data", "{data}"], ["--method", "invalid choice: 'sgd'"]),
+    (["train", "--model", "resnet50", "--data", "{data}"], ["--model", "invalid choice"]),
+    (["train", "--data", "{missing}"], ["data directory", "does not exist", "--download"]),
+    (["train", "--eps", "-1", "--data", "{data}"], ["--eps", "must be >= 0"]),
+    (["train", "--eps", "8", "--data", "{data}"], ["--eps", "did you mean 8/255"]),
+    (["train", "--eps", "eight", "--data", "{data}"], ["--eps", "not a number"]),
+    (["train", "--epochs", "0", "--data", "{data}"], ["--epochs", "must be >= 1"]),
+    (["train", "--method", "apart", "--steps", "3", "--data", "{data}", "--model", "smallcnn"],
+     ["--steps applies to pgd and atta"]),
+    (["train", "--resume", "--data", "{data}"], ["--resume needs --out"]),
+    (["train"], ["needs --data"]),
+    (["eval", "{missing}", "--data", "{data}"], ["does not exist"]),
+    (["plot", "{missing}", "--out", "x.png"], ["does not exist"]),
+    (["frobnicate"], ["invalid choice: 'frobnicate'"]),
+])
+def test_errors_are_one_line_with_exit_status_2(data_dir, tmp_path, capsys, argv, fragments):
+    argv = [a.format(data=data_dir, missing=tmp_path / "missing") for a in argv]
+    rc, _, err = run_cli(capsys, *argv)
+    assert rc == 2
+    assert_one_error_line(err, *fragments)
+
+
+# -------------------------------------------------------------------- eval
+def test_eval_writes_a_json_report_and_prints_a_table(trained_run, data_dir, tmp_path, capsys):
+    report_path = tmp_path / "reports" / "report.json"
+    rc, stdout, err = run_cli(capsys, "eval", trained_run, "--data", data_dir, "--n-examples", "32",
+                              "--batch-size", "16", "--out", report_path, "--no-progress")
+    assert rc == 0, err
+    report = json.loads(report_path.read_text())
+    assert report["model"] == "smallcnn" and report["dataset"] == "cifar10" and report["epoch"] == 1
+    assert report["suite"] == "pgd20" and report["n_examples"] == 32
+    assert report["eps"] == pytest.approx(8 / 255)
+    assert list(report["per_attack"]) == ["PGD-20"]
+    assert 0.0 <= report["robust_accuracy"] <= report["clean_accuracy"] <= 1.0
+    assert "clean" in stdout and "PGD-20" in stdout and str(report_path) in stdout
+
+    # The same model given as a checkpoint file, with a matching --model.
+    rc, stdout2, _ = run_cli(capsys, "eval", trained_run / "checkpoint.pt", "--model", "smallcnn",
+                             "--data", data_dir, "--n-examples", "8", "--no-progress")
+    assert rc == 0 and "smallcnn" in stdout2
+
+
+def test_eval_clean_accuracy_matches_the_training_run(trained_run, data_dir, capsys):
+    rc, _, _ = run_cli(capsys, "eval", trained_run, "--data", data_dir, "--n-examples", "32", "--no-progress",
+                       "--out", trained_run / "eval.json")
+    assert rc == 0
+    report = json.loads((trained_run / "eval.json").read_text())
+    assert report["clean_accuracy"] == pytest.approx(read_metrics(trained_run)[-1]["clean_acc"])
+
+
+def test_eval_rebuilds_a_python_trained_model_of_another_width(data_dir, tmp_path, capsys):
+    torch.manual_seed(0)
+    model = PreActResNet18(width=4)
+    Trainer(model, None, run_dir=tmp_path, progress=False, device="cpu").save_checkpoint()
+    rc, stdout, err = run_cli(capsys, "eval", tmp_path / "checkpoint.pt", "--data", data_dir, "--n-examples", "4",
+                              "--no-progress")
+    assert rc == 0, err
+    assert "preactresnet18" in stdout
+
+
+def test_eval_refuses_a_checkpoint_of_another_model(trained_run, data_dir, capsys):
+    rc, _, err = run_cli(capsys, "eval", trained_run, "--model", "preactresnet18", "--data", data_dir)
+    assert rc == 2
+    assert_one_error_line(err, "SmallCNN", "not preactresnet18")
+
+
+def test_eval_refuses_a_file_that_is_not_a_checkpoint(trained_run, data_dir, capsys):
+    rc, _, err = run_cli(capsys, "eval", trained_run / "metrics.jsonl", "--data", data_dir)
+    assert rc == 2
+    assert_one_error_line(err, "not a readable advtrain checkpoint")
+
+
+# -------------------------------------------------------------------- plot
+def test_plot_writes_a_png(trained_run, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    second = tmp_path / "copy"
+    second.mkdir()
+    (second / "metrics.jsonl").write_text((trained_run / "metrics.jsonl").read_text())
+    out = tmp_path / "fig" / "curves.png"
+    rc, stdout, err = run_cli(capsys, "plot", trained_run, second, "--out", out, "--title", "two runs")
+    assert rc == 0, err
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_without_matplotlib_says_how_to_install_it(trained_run, tmp_path, capsys, monkeypatch):
+    real = cli.importlib.util.find_spec
+    monkeypatch.setattr(cli.importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib"
+                        else real(name, *a))
+    rc, _, err = run_cli(capsys, "plot", trained_run, "--out", tmp_path / "x.png")
+    assert rc == 2
+    assert_one_error_line(err, 'pip install "advtrain[plot]"')
+
+
+def test_plot_run_without_metrics(tmp_path, capsys):
+    rc, _, err = run_cli(capsys, "plot", tmp_path, "--out", tmp_path / "x.png")
+    assert rc == 2
+    assert_one_error_line(err, "no metrics.jsonl")
+
+
+# ------------------------------------------------------------------- bench
+def test_bench_without_a_benchmarks_folder_says_so(tmp_path, capsys):
+    rc, _, err = run_cli(capsys, "bench", "--benchmarks", tmp_path / "nowhere")
+    assert rc == 2
+    assert_one_error_line(err, "no benchmark suite", "source checkout")
+
+
+def test_bench_command_line():
+    folder = Path("/repo/benchmarks")
+    cmd = cli.bench_command(folder, "gpu", "docs/benchmarks.md", ["--", "-k", "apart"])
+    assert cmd[:4] == [sys.executable, "-m", "pytest", str(folder)]
+    assert cmd[cmd.index("--bench-size") + 1] == "gpu"
+    assert cmd[-2:] == ["-k", "apart"]
+
+
+# --------------------------------------------------------------- the script
+def test_python_dash_m_advtrain_help():
+    result = subprocess.run([sys.executable, "-m", "advtrain", "--help"], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "usage: advtrain" in result.stdout
+    for command in ("train", "eval", "plot", "bench"):
+        assert command in result.stdout
+
+
+@pytest.mark.parametrize("command, option", [("train", "--config"), ("eval", "--suite"), ("plot", "--out"),
+                                             ("bench", "--size")])
+def test_subcommand_help(capsys, command, option):
+    rc, stdout, _ = run_cli(capsys, command, "--help")
+    assert rc == 0
+    assert stdout.startswith(f"usage: advtrain {command}") and option in stdout
+
+
+def test_console_script_reports_errors_without_a_traceback(tmp_path):
+    result = subprocess.run(["advtrain", "train", "--data", str(tmp_path / "missing")], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("advtrain: error: data directory")
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+# --------------------------------------------------------------- real data
+@pytest.mark.realdata
+def test_train_apart_on_the_real_subset(cifar10_dir, tmp_path, capsys):
+    out = tmp_path / "apart"
+    rc, stdout, err = run_cli(capsys, "train", "--method", "apart", "--model", "smallcnn", "--data", cifar10_dir,
+                              "--train-examples", "128", "--epochs", "1", "--eval-examples", "32",
+                              "--batch-size", "64", "--no-progress", "--device", "cpu", "--out", out)
+    assert rc == 0, err
+    record = read_metrics(out)[-1]
+    assert 0.0 <= record["robust_acc"] <= record["clean_acc"] <= 1.0
+    assert len(record["apart_alpha_sites"]) == 2  # SmallCNN's two declared sites
