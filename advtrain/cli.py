@@ -102,28 +102,33 @@ def _train_parser(sub: Any) -> argparse.ArgumentParser:
                    help="TOML or JSON file of options (keys = flag names, with _ or -)")
     p.add_argument("--method", choices=METHODS, default="apart", help="training method (default: apart)")
     p.add_argument("--model", choices=MODELS, default="preactresnet18", help="model (default: preactresnet18)")
-    p.add_argument("--dataset", choices=("cifar10", "cifar100"), default="cifar10")
+    p.add_argument("--dataset", choices=("cifar10", "cifar100"), default="cifar10", help="default: cifar10")
     p.add_argument("--data", default=None, metavar="DIR",
                    help="directory holding the official CIFAR python-format folder (required)")
     p.add_argument("--download", action="store_true", help="download the dataset (MD5-verified) if missing")
-    p.add_argument("--epochs", type=positive_int, default=None, help="epochs (default: the method's preset)")
-    p.add_argument("--batch-size", type=positive_int, default=128)
+    p.add_argument("--epochs", type=positive_int, default=None, metavar="N",
+                   help="epochs (default: the method's preset, 30; 15 for fgsm-rs)")
+    p.add_argument("--batch-size", type=positive_int, default=128, metavar="N", help="default: 128")
     p.add_argument("--eps", type=parse_eps, default=None,
                    help="training radius in pixel units, e.g. 8/255 (default: the method's)")
-    p.add_argument("--steps", type=positive_int, default=None, help="attack steps for pgd / atta")
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate")
-    p.add_argument("--schedule", choices=("cyclic", "piecewise", "constant"), default=None)
-    p.add_argument("--precision", choices=PRECISIONS, default="auto")
+    p.add_argument("--steps", type=positive_int, default=None, metavar="K",
+                   help="attack steps for pgd (default 10) and atta (default 1)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the method's, 0.2)")
+    p.add_argument("--schedule", choices=("cyclic", "piecewise", "constant"), default=None,
+                   help="learning-rate schedule (default: cyclic)")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="auto (default): bf16 autocast on CUDA, fp32 on CPU")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, metavar="N", help="seed of weights, shuffling, attacks (default 0)")
     p.add_argument("--out", default=None, metavar="DIR",
                    help="run directory: checkpoint.pt, metrics.jsonl, config.json")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    p.add_argument("--eval-every", type=non_negative_int, default=1,
-                   help="evaluate every N epochs (0: only at the end)")
-    p.add_argument("--eval-examples", type=positive_int, default=1000, help="test images used for evaluation")
-    p.add_argument("--train-examples", type=positive_int, default=None,
+    p.add_argument("--eval-every", type=non_negative_int, default=1, metavar="N",
+                   help="evaluate every N epochs (0: only at the end; default 1)")
+    p.add_argument("--eval-examples", type=positive_int, default=1000, metavar="N",
+                   help="test images used for evaluation (default 1000)")
+    p.add_argument("--train-examples", type=positive_int, default=None, metavar="N",
                    help="use only the first N training images")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_train)
@@ -247,9 +252,9 @@ def _eval_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--suite", choices=SUITES, default="pgd20",
                    help="pgd20 (default), cw, autoattack (APGD-CE + APGD-T) or full (all four)")
     p.add_argument("--eps", type=parse_eps, default=8 / 255, help="L∞ radius, pixel units (default 8/255)")
-    p.add_argument("--n-examples", type=positive_int, default=None,
+    p.add_argument("--n-examples", type=positive_int, default=None, metavar="N",
                    help="evaluate the first N test images (default: all)")
-    p.add_argument("--batch-size", type=positive_int, default=256)
+    p.add_argument("--batch-size", type=positive_int, default=256, metavar="N", help="default: 256")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="auto: bf16 autocast on CUDA, fp32 on CPU")
@@ -388,8 +393,8 @@ def _plot_parser(sub: Any) -> argparse.ArgumentParser:
                                    "one line per run.")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (or metrics.jsonl files)")
     p.add_argument("--out", required=True, metavar="FILE", help="PNG file to write")
-    p.add_argument("--title", default=None)
-    p.add_argument("--robust-key", default="robust_acc",
+    p.add_argument("--title", default=None, help="figure title")
+    p.add_argument("--robust-key", default="robust_acc", metavar="KEY",
                    help="record key of the robust accuracy (default robust_acc)")
     p.set_defaults(func=run_plot)
     return p
@@ -429,12 +434,17 @@ def _bench_parser(sub: Any) -> argparse.ArgumentParser:
                        description="Measure epoch time of each method against PGD-10 in the same run by "
                                    "running the pytest suite in the repository's benchmarks/ folder "
                                    "(not part of an installed wheel).")
-    p.add_argument("--size", choices=("cpu", "gpu"), default="cpu", help="benchmark size (default cpu)")
-    p.add_argument("--report", default=None, metavar="FILE", help="write the measured table to this Markdown file")
+    p.add_argument("--size", choices=("cpu", "gpu", "smoke"), default="cpu",
+                   help="cpu: PreActResNet18(width=16), minutes on 2 cores (default); gpu: full CIFAR-10 epochs "
+                        "of PreActResNet18 in bf16 (needs CUDA); smoke: seconds, checks the machinery")
+    p.add_argument("--report", default=None, metavar="FILE",
+                   help="write this size's measured table into this Markdown file (e.g. docs/benchmarks.md)")
+    p.add_argument("--data", default=None, metavar="DIR",
+                   help="CIFAR-10 directory (default: $ADVTRAIN_CIFAR10_DIR, else synthetic images)")
     p.add_argument("--benchmarks", default=None, metavar="DIR",
                    help="the benchmarks/ folder (default: the one next to this advtrain checkout)")
     p.add_argument("pytest_args", nargs=argparse.REMAINDER,
-                   help="further pytest options, after `--` (e.g. -- -k apart)")
+                   help="further pytest or --bench-* options, after `--` (e.g. -- --bench-rounds 5 -k apart)")
     p.set_defaults(func=run_bench)
     return p
 
@@ -452,11 +462,15 @@ def find_benchmarks(explicit: Optional[str] = None) -> Path:
     return folder
 
 
-def bench_command(folder: Path, size: str, report: Optional[str], extra: Sequence[str] = ()) -> List[str]:
-    """The pytest command line that runs the benchmark suite."""
+def bench_command(folder: Path, size: str, report: Optional[str], extra: Sequence[str] = (),
+                  data: Optional[str] = None) -> List[str]:
+    """The pytest command line that runs the benchmark suite (see
+    ``benchmarks/conftest.py`` for its ``--bench-*`` options)."""
     cmd = [sys.executable, "-m", "pytest", str(folder), "--bench-size", size, "-q"]
     if report:
         cmd += ["--bench-report", str(Path(report).resolve())]
+    if data:
+        cmd += ["--bench-data", data if data == "synthetic" else str(Path(data).resolve())]
     return cmd + [a for a in extra if a != "--"]
 
 
@@ -464,7 +478,7 @@ def run_bench(args: argparse.Namespace) -> int:
     if importlib.util.find_spec("pytest") is None:
         raise CLIError('the benchmarks need pytest: pip install "advtrain[test]"')
     folder = find_benchmarks(args.benchmarks)
-    cmd = bench_command(folder, args.size, args.report, args.pytest_args)
+    cmd = bench_command(folder, args.size, args.report, args.pytest_args, data=args.data)
     print("running: " + " ".join(cmd), flush=True)
     return subprocess.call(cmd, cwd=folder.parent)
 
