@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, 
 import torch
 from torch import Tensor
 
+from .. import distributed as dist_utils
 from .._validation import check_positive_int, check_radius
 from ..attacks.pgd import PGD
 from ..evaluation.accuracy import correct_predictions
@@ -137,6 +138,13 @@ class RobustnessDropMonitor(Callback):
     ``run_dir``, a CPU copy of the model's ``state_dict`` is kept in
     :attr:`best_model_state` (see :meth:`restore_best`).
 
+    The PGD random starts come from a fork of the RNG seeded with the epoch
+    number, so monitoring does not change the training run's random stream.
+    In a distributed run each rank attacks its share of the images and the
+    counts are summed, so all ranks agree; ``best.pt`` is then written by
+    ``Trainer.save_checkpoint`` (with the per-rank parts, without the best
+    epoch's record in its history) and only rank 0 warns.
+
     ``stop_on_collapse`` sets ``trainer.stop_training`` when a collapse is
     flagged; ``patience`` stops training after that many consecutive
     measurements without a new best (early stopping against robust
@@ -207,20 +215,30 @@ class RobustnessDropMonitor(Callback):
 
     # ------------------------------------------------------------------ hooks
     def measure(self, model: torch.nn.Module, device: Optional[torch.device] = None,
-                autocast_dtype: Optional[torch.dtype] = None) -> float:
-        """PGD robust accuracy of ``model`` on the monitor's data (fraction)."""
+                autocast_dtype: Optional[torch.dtype] = None, *, seed: int = 0) -> float:
+        """PGD robust accuracy of ``model`` on the monitor's data (fraction).
+        The attack's random starts come from a fork of the RNG seeded with
+        ``seed``: the training run's random stream is left untouched."""
+        correct, total = self._count(model, self.images, self.labels, device, autocast_dtype, seed)
+        return correct / max(1, total)
+
+    def _count(self, model: torch.nn.Module, images: Tensor, labels: Tensor, device: Optional[torch.device],
+               autocast_dtype: Optional[torch.dtype], seed: int) -> Tuple[int, int]:
         if device is None:
             param = next(model.parameters(), None)
             device = param.device if param is not None else torch.device("cpu")
-        correct = correct_predictions(model, self.images, self.labels, self.attack, batch_size=self.batch_size,
-                                      device=device, autocast_dtype=autocast_dtype)
-        return int(correct.sum()) / max(1, correct.numel())
+        device = torch.device(device)
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            correct = correct_predictions(model, images, labels, self.attack, batch_size=self.batch_size,
+                                          device=device, autocast_dtype=autocast_dtype)
+        return int(correct.sum()), int(correct.numel())
 
     def on_epoch_end(self, trainer: "Trainer", epoch: int, record: Dict[str, Any]) -> None:
         number = epoch + 1
         if number % self.every != 0:
             return
-        acc = self.measure(trainer.model, getattr(trainer, "device", None), getattr(trainer, "autocast_dtype", None))
+        acc = self._measure_trainer(trainer, seed=number)
         self.measurements.append((number, acc))
         events = self._detector.update(number, acc)
         self.events += events
@@ -228,8 +246,9 @@ class RobustnessDropMonitor(Callback):
         record["overfitting_flag"] = bool(events)
         if events:
             record["overfitting_kind"] = ",".join(kind for _, kind, _ in events)
-            for _, _, message in events:
-                warnings.warn(message, RobustnessDropWarning, stacklevel=2)
+            if getattr(trainer, "is_main", True):
+                for _, _, message in events:
+                    warnings.warn(message, RobustnessDropWarning, stacklevel=2)
         if self.best is None or acc > self.best:
             self.best, self.best_epoch, self.since_best = acc, number, 0
             if self.best_checkpoint:
@@ -241,14 +260,31 @@ class RobustnessDropMonitor(Callback):
         if self.patience is not None and self.since_best >= self.patience:
             trainer.stop_training = True
 
+    def _measure_trainer(self, trainer: "Trainer", seed: int) -> float:
+        """Robust accuracy of ``trainer.model``; in a distributed run each rank
+        attacks its share of the images and the counts are summed, so every
+        rank gets the same value and takes the same decisions."""
+        device = getattr(trainer, "device", None)
+        dtype = getattr(trainer, "autocast_dtype", None)
+        if not getattr(trainer, "distributed", False):
+            correct, total = self._count(trainer.model, self.images, self.labels, device, dtype, seed)
+            return correct / max(1, total)
+        rank, world = trainer.rank, trainer.world_size
+        correct, total = self._count(trainer.model, self.images[rank::world], self.labels[rank::world], device,
+                                     dtype, seed + rank)
+        counts = dist_utils.all_reduce_sum(torch.tensor([float(correct), float(total)], device=trainer.device))
+        return float(counts[0]) / max(1.0, float(counts[1]))
+
     def _keep_best(self, trainer: "Trainer", record: Dict[str, Any]) -> None:
         run_dir = getattr(trainer, "run_dir", None)
-        if run_dir is not None:
+        if run_dir is None:
+            self.best_model_state = {k: v.detach().to("cpu", copy=True) for k, v in trainer.model.state_dict().items()}
+        elif getattr(trainer, "distributed", False):
+            trainer.save_checkpoint(Path(run_dir) / BEST_CHECKPOINT_NAME)  # collective: every rank writes its part
+        else:
             state = trainer.state_dict()
             state["history"] = list(state.get("history", [])) + [dict(record)]
             save_checkpoint(Path(run_dir) / BEST_CHECKPOINT_NAME, state)
-        else:
-            self.best_model_state = {k: v.detach().to("cpu", copy=True) for k, v in trainer.model.state_dict().items()}
 
     def restore_best(self, model: torch.nn.Module) -> None:
         """Load the in-memory best weights into ``model`` (runs without ``run_dir``;

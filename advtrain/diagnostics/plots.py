@@ -76,13 +76,16 @@ def plot_accuracy_curves(
             or a ``metrics.jsonl`` path).
         path: PNG file to write.
         clean_key, robust_key: record keys of the two accuracies (fractions;
-            e.g. ``robust_key="monitor_robust_acc"`` for the monitor's).
+            e.g. ``robust_key="monitor_robust_acc"`` for the monitor's); say
+            which attack the robust accuracy is under in ``title``.
         figsize: (width, height) in inches; dpi: dots per inch.
         title: figure title.
     """
     if not histories:
         raise ValueError("histories is empty: give at least one run")
     fig = _figure(figsize, dpi)
+    from matplotlib.ticker import MaxNLocator
+
     axes = fig.subplots(1, 2)
     flagged_label = "flagged by the monitor"
     for name, history in histories.items():
@@ -97,7 +100,8 @@ def plot_accuracy_curves(
         if flags:
             axes[1].scatter(*zip(*flags), marker="x", color="red", s=60, zorder=3, label=flagged_label)
             flagged_label = "_nolegend_"
-    for ax, name in zip(axes, ("clean accuracy (%)", f"robust accuracy (%) [{robust_key}]")):
+    for ax, name in zip(axes, ("clean accuracy (%)", "robust accuracy (%)")):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
@@ -128,7 +132,10 @@ def plot_strength_curves(
         label: legend name of the perturbation curve.
     """
     fig = _figure(figsize, dpi)
+    from matplotlib.ticker import MaxNLocator
+
     ax = fig.subplots()
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.plot(result.epochs, 100 * result.perturbation_accuracy, marker="o", label=label)
     ax.plot(result.epochs, 100 * result.noise_accuracy, marker="s", linestyle="--",
             label=f"{result.noise} noise, eps={result.eps * 255:.3g}/255")
