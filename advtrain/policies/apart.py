@@ -18,6 +18,21 @@ from .base import Perturbation, PerturbationPolicy, PolicyContext
 from .store import PerExampleStore, resolve_store_dtype
 
 
+def _plain_module(model: nn.Module) -> nn.Module:
+    """The module whose site names the policy uses. ``torch.compile`` wraps a
+    model in a module whose submodule names gain an ``_orig_mod.`` prefix (and
+    ``DistributedDataParallel``/``DataParallel`` a ``module.`` one); the sites
+    themselves are shared with the wrapped model, so they are addressed there."""
+    while True:
+        inner = getattr(model, "_orig_mod", None)
+        wrappers = (nn.DataParallel, nn.parallel.DistributedDataParallel)
+        if not isinstance(inner, nn.Module) and isinstance(model, wrappers):
+            inner = model.module
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
 def _triangle(peak: float, progress: float) -> float:
     """0 → peak at progress 0.5 → 0 at progress 1 (progress in [0, 1])."""
     return peak * max(0.0, 1.0 - abs(2.0 * progress - 1.0))
@@ -97,6 +112,7 @@ class APARTPolicy(PerturbationPolicy):
     def setup(self, model: nn.Module, context: PolicyContext) -> None:
         device = context.device
         self.context = context
+        model = _plain_module(model)
         if self.layerwise:
             declared = find_sites(model)
             if self.site_names_requested is None:
@@ -146,7 +162,7 @@ class APARTPolicy(PerturbationPolicy):
         # captured activations are not part of the traced graph).
         probes = [torch.zeros((x.shape[0],) + tuple(shape), device=x.device, requires_grad=True)
                   for shape in self.site_shapes]
-        with model_mode(model, "train"), perturb_sites(model, dict(zip(self.site_names, probes))):
+        with model_mode(model, "train"), perturb_sites(_plain_module(model), dict(zip(self.site_names, probes))):
             loss1 = F.cross_entropy(model(x0_leaf).float(), y)
         grads = torch.autograd.grad(loss1, [x0_leaf] + probes)
         delta = torch.clamp(delta0 + self.alpha * grads[0].sign(), -self.eps, self.eps)
