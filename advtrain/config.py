@@ -87,13 +87,21 @@ def load_config(path: PathLike) -> Dict[str, Any]:
             except ConfigError:
                 raise ConfigError(f"{path} is neither valid TOML nor valid JSON "
                                   "(name it .toml or .json to see the parser's message)") from None
+    return normalize_keys(raw, path)
+
+
+def normalize_keys(raw: Any, source: Optional[PathLike] = None) -> Dict[str, Any]:
+    """A parsed config (a table of options) with ``-`` turned into ``_`` in
+    its keys; raises :class:`ConfigError` if it is not a table or names an
+    option twice."""
+    where = str(source) if source is not None else "config"
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path} must hold a table of options (key = value), got {type(raw).__name__}")
+        raise ConfigError(f"{where} must hold a table of options (key = value), got {type(raw).__name__}")
     config: Dict[str, Any] = {}
     for key, value in raw.items():
         name = str(key).replace("-", "_")
         if name in config:
-            raise ConfigError(f"{path}: option {name!r} is given twice (as {key!r} and in another spelling)")
+            raise ConfigError(f"{where}: option {name!r} is given twice (as {key!r} and in another spelling)")
         config[name] = value
     return config
 
@@ -174,4 +182,4 @@ def resolve_config(parser: argparse.ArgumentParser, config: Mapping[str, Any],
     return out
 
 
-__all__ = ["ConfigError", "load_config", "option_names", "resolve_config"]
+__all__ = ["ConfigError", "load_config", "normalize_keys", "option_names", "resolve_config"]

@@ -1,0 +1,76 @@
+"""The examples run: each with --quick and an even smaller setting, against
+the real CIFAR-10 subset (skipped when ADVTRAIN_CIFAR10_DIR is unset)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+TINY = ["--quick", "--train-examples", "256", "--epochs", "1", "--eval-examples", "32"]
+
+pytestmark = pytest.mark.realdata
+
+
+def load(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quickstart_runs_as_a_script(cifar10_dir, tmp_path):
+    out = tmp_path / "run"
+    result = subprocess.run([sys.executable, str(EXAMPLES / "quickstart.py"), "--data", str(cifar10_dir), *TINY,
+                             "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "APART, 1 epochs on 256 images" in result.stdout
+    record = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert 0.0 <= record["robust_acc"] <= record["clean_acc"] <= 1.0
+    assert len(record["apart_alpha_sites"]) == 8  # PreActResNet18's declared sites
+    assert (out / "checkpoint.pt").is_file()
+
+
+def test_quick_step_lr_is_the_paper_value_at_full_size():
+    quickstart = load("quickstart")
+    assert quickstart.apart_step_lr(30, 50_000) == 5e-8
+    assert quickstart.apart_step_lr(1, 256) == pytest.approx(5e-8 * 11_700 / 2)
+
+
+def test_apart_vs_pgd_prints_the_comparison_table(cifar10_dir, tmp_path, capsys):
+    rows = load("apart_vs_pgd").main(["--data", str(cifar10_dir), *TINY, "--batch-size", "64",
+                                      "--out", str(tmp_path)])
+    table = capsys.readouterr().out
+    assert [r["method"] for r in rows] == ["APART", "PGD-10"]
+    for r in rows:
+        assert 0.0 <= r["pgd20_acc"] <= r["clean_acc"] <= 1.0 and r["train_seconds"] > 0
+    assert rows[1]["time_ratio"] == 1.0
+    assert rows[0]["time_ratio"] < 1.0  # ~5 passes against PGD-10's ~23: a wide margin for timing noise
+    assert "method" in table and "PGD-20" in table and "vs PGD-10" in table
+    assert (tmp_path / "apart" / "metrics.jsonl").is_file() and (tmp_path / "pgd10" / "checkpoint.pt").is_file()
+
+
+@pytest.mark.parametrize("variant", [[], ["--input-only"]], ids=["named-sites", "input-only"])
+def test_custom_model(cifar10_dir, tmp_path, capsys, variant):
+    module = load("custom_model")
+    record = module.main(["--data", str(cifar10_dir), *TINY, "--out", str(tmp_path), *variant])
+    out = capsys.readouterr().out
+    assert 0.0 <= record["robust_acc"] <= record["clean_acc"] <= 1.0
+    if variant:
+        assert "apart_alpha_sites" not in record and "input only" in out
+    else:
+        assert len(record["apart_alpha_sites"]) == 2
+        assert "learned step size at site block1" in out and "site block2" in out
+
+
+def test_custom_model_with_timm(cifar10_dir, tmp_path):
+    pytest.importorskip("timm")
+    record = load("custom_model").main(["--data", str(cifar10_dir), *TINY, "--timm", "resnet18",
+                                        "--out", str(tmp_path)])
+    assert len(record["apart_alpha_sites"]) == 3  # layer1..layer3 of the timm ResNet
