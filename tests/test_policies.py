@@ -923,3 +923,11 @@ def test_apart_beats_standard_training_on_real_cifar10(cifar10_dir):
     # observed (3 seeds): standard ≈ 0.37/0.05, APART ≈ 0.33/0.16
     assert apart_clean > 0.2, summary  # it learned
     assert apart_robust > std_robust + 0.05 and apart_robust > 0.1, summary
+
+
+def test_atta_default_step_scales_with_eps():
+    from advtrain.policies import ATTAPolicy
+
+    assert ATTAPolicy(8 / 255, steps=1).attack.step_size == pytest.approx(0.015)
+    assert ATTAPolicy(4 / 255, steps=1).attack.step_size == pytest.approx(0.0075)
+    assert ATTAPolicy(8 / 255, steps=10).attack.step_size == pytest.approx(0.007)

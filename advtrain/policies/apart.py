@@ -214,6 +214,8 @@ class APARTPolicy(PerturbationPolicy):
             self.alpha_init.copy_(state["alpha_init"])
             self.alpha_sites.copy_(state["alpha_sites"])
         self.optimizer.load_state_dict(state["optimizer"])
+        for group in self.optimizer.param_groups:  # this run's settings win over the checkpoint's
+            group["weight_decay"] = self.weight_decay
         self.store.load_state_dict(state["store"])
         self.step = int(state["step"])
 

@@ -34,7 +34,8 @@ class ATTAPolicy(PerturbationPolicy):
         eps: L∞ radius, pixel units.
         steps: PGD steps per batch (k).
         step_size: per-step size; default from :data:`ATTA_STEP_SIZES`
-            (0.015 / 0.01 / 0.007 for k = 1 / 3 / 10), else 2.5·ε/k.
+            (0.015 / 0.01 / 0.007 for k = 1 / 3 / 10 at ε = 8/255, scaled in
+            proportion to ε for other radii), else 2.5·ε/k.
         reset_every: zero the store every this many epochs (0: never).
         bn_mode: BatchNorm mode while attacking ("eval" as in the paper).
         store_dtype: "float32", "bfloat16" or "float16"; 16-bit halves the
@@ -48,7 +49,8 @@ class ATTAPolicy(PerturbationPolicy):
         eps = float(check_radius(eps, "eps"))
         steps = check_positive_int(steps, "steps")
         if step_size is None:
-            step_size = ATTA_STEP_SIZES.get(steps, 2.5 * eps / steps)
+            step_size = (ATTA_STEP_SIZES[steps] * eps / (8 / 255) if steps in ATTA_STEP_SIZES
+                         else 2.5 * eps / steps)
         self.attack = PGD(eps, steps=steps, step_size=step_size, random_start=False, bn_mode=bn_mode)  # type: ignore[arg-type]
         self.reset_every = check_positive_int(reset_every, "reset_every", minimum=0)
         self.store_dtype = resolve_store_dtype(store_dtype)
