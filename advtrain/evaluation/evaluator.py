@@ -141,13 +141,13 @@ class EvaluationReport:
         }
 
     def __str__(self) -> str:
-        label = "robust after (cumulative)" if self.sequential else "robust under"
         rows = [("clean", self.clean_accuracy, "")]
-        rows += [(f"{label} {name}", acc, f"{self.seconds.get(name, float('nan')):.1f} s")
-                 for name, acc in self.per_attack.items()]
-        rows.append(("robust (worst case over attacks)", self.robust_accuracy, ""))
+        rows += [(name, acc, f"{self.seconds.get(name, float('nan')):.1f} s") for name, acc in self.per_attack.items()]
+        rows.append(("worst case over attacks", self.robust_accuracy, ""))
         width = max(len(r[0]) for r in rows)
-        lines = [f"Evaluation on {self.n_examples} examples, eps = {self.eps:.6g} ({self.eps * 255:.4g}/255)"]
+        how = ("each attack ran on the examples still robust; accuracies are cumulative" if self.sequential
+               else "each attack ran on every clean-correct example")
+        lines = [f"Evaluation on {self.n_examples} examples, eps = {self.eps * 255:.4g}/255 ({how})"]
         lines += [f"  {name:<{width}}  {100 * acc:6.2f}%  {extra}".rstrip() for name, acc, extra in rows]
         return "\n".join(lines)
 
