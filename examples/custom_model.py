@@ -1,6 +1,6 @@
 """APART on a model of your own: perturbation sites attached by module name.
 
-    python examples/custom_model.py --data ./data --quick         # your own nn.Module (2-core CPU, about a minute)
+    python examples/custom_model.py --data ./data --quick         # your own nn.Module, sized for a 2-core CPU
     python examples/custom_model.py --data ./data                 # the same at full size (GPU)
     python examples/custom_model.py --data ./data --timm resnet18 # a timm model, if timm is installed
     python examples/custom_model.py --data ./data --input-only    # APART without layer perturbations

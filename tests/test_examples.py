@@ -7,9 +7,10 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 
 import pytest
+from torch import nn
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 TINY = ["--quick", "--train-examples", "256", "--epochs", "1", "--eval-examples", "32"]
@@ -74,3 +75,29 @@ def test_custom_model_with_timm(cifar10_dir, tmp_path):
     record = load("custom_model").main(["--data", str(cifar10_dir), *TINY, "--timm", "resnet18",
                                         "--out", str(tmp_path)])
     assert len(record["apart_alpha_sites"]) == 3  # layer1..layer3 of the timm ResNet
+
+
+class _TinyTimmNet(nn.Module):
+    """Shaped like a timm ResNet: a stem, ``layer1``..``layer3``, a head."""
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.layer1 = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.layer2 = nn.Sequential(nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.layer3 = nn.Sequential(nn.Conv2d(16, 16, 3, stride=2, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1))
+        self.fc = nn.Linear(16, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.layer3(self.layer2(self.layer1(self.conv1(x)))).flatten(1))
+
+
+def test_custom_model_timm_wiring(cifar10_dir, tmp_path, monkeypatch):
+    """The --timm path with a stand-in timm module: sites on all stages but the last."""
+    fake = SimpleNamespace(create_model=lambda name, pretrained, num_classes: _TinyTimmNet(num_classes))
+    monkeypatch.setitem(sys.modules, "timm", fake)
+    module = load("custom_model")
+    record = module.main(["--data", str(cifar10_dir), *TINY, "--timm", "tiny", "--out", str(tmp_path)])
+    assert len(record["apart_alpha_sites"]) == 2
+    model, sites = module.timm_model("tiny")
+    assert sites == ["1.layer1", "1.layer2"]
