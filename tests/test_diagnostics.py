@@ -39,6 +39,9 @@ def test_steady_and_slowly_changing_histories_are_not_flagged():
 def test_slow_decline_to_zero_is_a_collapse_reported_once():
     events = detect_robustness_drop([0.4, 0.3, 0.2, 0.1, 0.06, 0.04, 0.0, 0.0], epochs=range(2, 18, 2))
     assert [(e, k) for e, k, _ in events] == [(12, "collapse")]
+    # hovering around the floor does not repeat it; a recovery to twice the floor re-arms it
+    events = detect_robustness_drop([0.3, 0.05, 0.06, 0.04, 0.12, 0.03])
+    assert [(e, k) for e, k, _ in events] == [(2, "drop"), (2, "collapse"), (6, "collapse")]
 
 
 def test_missing_measurements_are_skipped():

@@ -55,6 +55,7 @@ class _DropDetector:
         self.floor = floor
         self.previous: Optional[float] = None
         self.peak: Optional[float] = None
+        self.collapsed = False
 
     def update(self, epoch: int, acc: float) -> List[Tuple[int, str, str]]:
         found: List[Tuple[int, str, str]] = []
@@ -64,8 +65,10 @@ class _DropDetector:
                           f"epoch {epoch}: robust accuracy fell from {prev:.1%} to {acc:.1%} in one evaluation "
                           f"(a drop of {prev - acc:.1%}, more than the threshold of {self.threshold:.0%}): "
                           "catastrophic overfitting"))
-        if (acc <= self.floor and peak is not None and peak >= 2 * self.floor
-                and (prev is None or prev > self.floor)):
+        if acc >= 2 * self.floor:
+            self.collapsed = False
+        elif acc <= self.floor and peak is not None and peak >= 2 * self.floor and not self.collapsed:
+            self.collapsed = True
             found.append((epoch, "collapse",
                           f"epoch {epoch}: robust accuracy collapsed to {acc:.1%} (at or below {self.floor:.0%}) "
                           f"after reaching {peak:.1%}: catastrophic overfitting"))
@@ -88,8 +91,9 @@ def detect_robustness_drop(
     * ``"drop"``: the accuracy fell by more than ``threshold`` (absolute,
       e.g. 0.2 = 20 points) from the previous measurement;
     * ``"collapse"``: it fell to ``floor`` or below after having reached at
-      least ``2 * floor``, and the previous measurement was above ``floor``
-      (so a collapse is reported once, when it happens).
+      least ``2 * floor``. A collapse is reported once, when it happens, and
+      again only after the accuracy has recovered to ``2 * floor`` or more
+      (so values hovering around ``floor`` do not repeat it).
 
     Args:
         robust_accs: one robust accuracy (fraction in [0, 1]) per epoch;
