@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence, Tuple
 
 from .config import RESERVED, load_config, resolve_config
+from .distributed import init_distributed
 from .training.callbacks import Callback
 
 METHODS = ("standard", "fgsm", "fgsm-rs", "nfgsm", "pgd", "atta", "apart")
@@ -206,11 +207,14 @@ class _RecordConfig(Callback):
 def run_train(args: argparse.Namespace) -> int:
     if args.resume and not args.out:
         raise CLIError("--resume needs --out (the run directory to continue)")
+    init_distributed()  # a multi-process run under torchrun: data-parallel training
     train, test = _read_splits(args)
     trainer = build_trainer(args, num_classes=len(train.classes))
-    if args.out:
+    if args.out and trainer.is_main:
         trainer.callbacks.append(_RecordConfig(Path(args.out) / CONFIG_NAME, recorded_options(args)))
     history = trainer.fit(train, eval_data=test, resume=bool(args.resume))
+    if not trainer.is_main:
+        return 0
     last = history[-1]
     total = sum(r.get("time", 0.0) for r in history)
     print(f"done: {args.method} {args.model} {len(history)} epochs, {total:.1f} s training; "

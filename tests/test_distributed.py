@@ -3,6 +3,7 @@ launched by torchrun end with identical weights, and match one process that
 trains on the same global batches."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -95,3 +96,23 @@ def test_two_processes_match_each_other_and_a_single_process_run(tmp_path):
     # Each rank's store holds its shard of the single process's store.
     for r in range(2):
         torch.testing.assert_close(ranks[r]["store"], single.policy.store.data[r::2], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_torchrun_runs_the_command_line_on_two_cpu_processes(tmp_path):
+    sys.path.insert(0, str(HERE))
+    from _tiny_cifar import write_tiny_cifar10
+
+    data = write_tiny_cifar10(tmp_path / "data", n_train=128, n_test=32)
+    out = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(HERE.parent))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "advtrain",
+           "train", "--method", "fgsm", "--model", "smallcnn", "--data", str(data), "--epochs", "2",
+           "--batch-size", "16", "--eval-examples", "32", "--device", "cpu", "--no-progress", "--out", str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("done: fgsm smallcnn 2 epochs") == 1  # rank 0 alone reports
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2]
+    assert {"checkpoint.pt", "checkpoint.rank0.pt", "checkpoint.rank1.pt", "config.json"} <= {
+        p.name for p in out.iterdir()}
