@@ -249,9 +249,11 @@ class Trainer:
         try:
             self.model.load_state_dict(state["model"])
         except RuntimeError as exc:
+            detail = " ".join(line.strip() for line in str(exc).splitlines()[1:])
+            detail = detail if len(detail) <= 300 else detail[:297] + "..."
             raise CheckpointError(
                 f"the checkpoint was written for a different model ({state.get('config', {}).get('model')}) "
-                f"than this {type(self.model).__name__}: {str(exc).splitlines()[0]}") from exc
+                f"than this {type(self.model).__name__}: {detail}") from exc
         self.optimizer.load_state_dict(state["optimizer"])
         self.policy.load_state_dict(state["policy"])
         if self.loader is not None and "loader" in state:
