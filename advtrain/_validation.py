@@ -92,7 +92,11 @@ def per_example(value: Radius, x: Tensor) -> Tensor:
     example (shape (N,) or (N, 1, 1, 1)) or a single value.
     """
     n = x.shape[0]
-    t = torch.as_tensor(value, dtype=torch.float32, device=x.device)
+    if not isinstance(value, Tensor):
+        # torch.full fills on the device; as_tensor of a Python number would
+        # copy from the host and synchronise the stream on CUDA.
+        return torch.full((n, 1, 1, 1), float(value), dtype=torch.float32, device=x.device)
+    t = value.to(device=x.device, dtype=torch.float32)
     if t.numel() == 1:
         return t.reshape(1, 1, 1, 1).expand(n, 1, 1, 1)
     if t.numel() != n:

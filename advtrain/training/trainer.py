@@ -416,6 +416,12 @@ class Trainer:
         correct = (logits.detach().argmax(1) == batch.y).sum()
         return loss.detach(), correct
 
+    def _check_finite(self, loss: float, epoch: int, step: int) -> None:
+        if not math.isfinite(loss):
+            raise FloatingPointError(
+                f"training loss became non-finite in epoch {epoch + 1} by step {step}; lower the learning rate "
+                f"or check the data (the last checkpoint is kept in {self.run_dir})")
+
     def _train_epoch(self, loader: DeviceLoader, epoch: int) -> Dict[str, Any]:
         steps = len(loader)
         loader.set_epoch(epoch)
@@ -434,12 +440,9 @@ class Trainer:
             correct += n_correct
             seen += len(batch)
             self.global_step += 1
-            if (i + 1) % log_every == 0 or i + 1 == steps:
-                mean_loss = float(loss_sum) / seen  # host sync only where progress is reported
-                if not math.isfinite(mean_loss):
-                    raise FloatingPointError(
-                        f"training loss became non-finite in epoch {epoch + 1} at step {i + 1}; "
-                        f"lower the learning rate or check the data (last checkpoint is kept in {self.run_dir})")
+            if self.progress and ((i + 1) % log_every == 0 or i + 1 == steps):
+                mean_loss = float(loss_sum) / seen  # host sync only where progress is shown
+                self._check_finite(mean_loss, epoch, i + 1)
                 bar.update(i + 1 - bar.count, loss=mean_loss, acc=float(correct) / seen, lr=lr)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -450,6 +453,7 @@ class Trainer:
             dist_utils.all_reduce_sum(totals)
             dist_utils.average_buffers(self.model)
         loss_total, correct_total, seen_total = totals.tolist()
+        self._check_finite(loss_total, epoch, steps)
         record: Dict[str, Any] = {
             "epoch": epoch + 1,
             "train_loss": loss_total / max(seen_total, 1.0),
