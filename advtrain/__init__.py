@@ -13,8 +13,9 @@ The three interfaces:
 Images are pixels in [0, 1], NCHW; ε is in pixel units; normalization lives
 inside the model.
 """
-from .attacks import FGSM, FGSMRS, NFGSM, PGD, Attack
+from .attacks import APGD, FGSM, FGSMRS, NFGSM, PGD, Attack
 from .data import DeviceLoader, cifar10, cifar100
+from .evaluation import evaluate
 from .models import Normalize, PreActResNet18, WideResNet
 from .policies import APARTPolicy, ATTAPolicy, AttackPolicy, Perturbation, PerturbationPolicy
 from .training import (APARTTrainer, ATTATrainer, Callback, FastATTrainer, FGSMTrainer, History, NFGSMTrainer,
@@ -23,7 +24,7 @@ from .training import (APARTTrainer, ATTATrainer, Callback, FastATTrainer, FGSMT
 __version__ = "0.1.0"
 
 __all__ = [
-    "Attack", "FGSM", "FGSMRS", "NFGSM", "PGD",
+    "Attack", "FGSM", "FGSMRS", "NFGSM", "PGD", "APGD", "evaluate",
     "PerturbationPolicy", "Perturbation", "AttackPolicy", "ATTAPolicy", "APARTPolicy",
     "Trainer", "FGSMTrainer", "FastATTrainer", "PGDTrainer", "NFGSMTrainer", "ATTATrainer", "APARTTrainer",
     "Callback", "History",

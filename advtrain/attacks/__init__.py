@@ -2,6 +2,7 @@
 
 Images are pixels in [0, 1] (N, C, H, W) and every radius is in pixel units.
 """
+from .apgd import APGD
 from .base import Attack, model_mode
 from .losses import cross_entropy, dlr_loss, get_loss, margin_loss, targeted_dlr_loss
 from .pgd import FGSM, FGSMRS, NFGSM, PGD
@@ -13,6 +14,7 @@ __all__ = [
     "FGSM",
     "FGSMRS",
     "NFGSM",
+    "APGD",
     "cross_entropy",
     "margin_loss",
     "dlr_loss",
