@@ -185,14 +185,14 @@ def test_contract_ball_box_grads_modes_and_no_host_sync(radius, kwargs):
 
 def test_stronger_than_pgd20_on_a_trained_model():
     model, (x, y) = trained_model(0)
-    x, y = x[:64], y[:64]
+    x, y = x[:48], y[:48]
     with torch.no_grad():
         clean = model(x).argmax(1) == y
     assert clean.float().mean() > 0.8
     torch.manual_seed(0)
     pgd_correct = model(PGD(EPS, steps=20, step_size=EPS / 4)(model, x, y)).argmax(1) == y
-    apgd_ce = model(APGD(EPS, steps=50)(model, x, y)).argmax(1) == y
-    apgd_t = model(APGD(EPS, steps=50, loss="dlr", targeted=True, n_target_classes=3)(model, x, y)).argmax(1) == y
+    apgd_ce = model(APGD(EPS, steps=30)(model, x, y)).argmax(1) == y
+    apgd_t = model(APGD(EPS, steps=30, loss="dlr", targeted=True, n_target_classes=2)(model, x, y)).argmax(1) == y
     robust_pgd = clean & pgd_correct
     robust_apgd = clean & apgd_ce & apgd_t
     assert 0.05 < robust_pgd.float().mean() < 0.95  # a regime where the attacks can differ

@@ -315,7 +315,7 @@ def test_plots_write_pngs_of_the_requested_size(tmp_path):
                                figsize=(6, 3), dpi=50)
     assert out == tmp_path / "acc.png" and png_size(out) == (300, 150)
 
-    model = trained_reference()
+    model = tiny_net().eval()
     x, y = tiny_split(16, 1)
     study = PerturbationStrengthStudy(model, x, y, EPS)
     result = study.run({1: study.random_noise(1), 2: study.random_noise(2)})

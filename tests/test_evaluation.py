@@ -159,13 +159,13 @@ def test_report_on_a_trained_model_and_batching_does_not_matter():
 
 def test_full_suite_runs_in_protocol_order_with_a_per_example_worst_case():
     model, (x, y) = trained_model()
-    x, y = x[:12], y[:12]
+    x, y = x[:8], y[:8]
     torch.manual_seed(0)
-    report = evaluate(model, (x, y), "full", progress=False)
+    # a large radius: PGD-20 breaks every example, so the later attacks have nothing left to attack
+    report = evaluate(model, (x, y), "full", eps=0.25, progress=False)
     assert list(report.per_attack) == ["PGD-20", "CW-20", "APGD-CE", "APGD-T"]
-    cumulative = list(report.per_attack.values())
-    assert cumulative == sorted(cumulative, reverse=True)
-    assert report.robust_accuracy == cumulative[-1] <= report.clean_accuracy
+    assert list(report.per_attack.values()) == [0.0] * 4 and report.robust_accuracy == 0.0
+    assert report.clean_accuracy > 0.5 and report.eps == 0.25
     assert torch.equal(report.robust_correct, report.clean_correct & report.per_attack_correct["APGD-T"])
 
 
@@ -252,7 +252,7 @@ def run_check(model, x, y, **kwargs):
     return findings
 
 
-FAST = dict(steps=(5, 20), restarts=2, noise_samples=5, n_examples=64)
+FAST = dict(steps=(3, 10), restarts=2, noise_samples=3, n_examples=48)
 
 
 def test_normal_model_raises_no_masking_warning():

@@ -103,9 +103,10 @@ def check_gradient_masking(
       (within 1e-3), i.e. the model returns probabilities, whose cross-entropy
       gradients vanish.
 
-    Cost per example: ``steps[0] * (1 + restarts) + steps[1]`` forward and
-    input-backward passes plus ``noise_samples + 2`` forward passes (360 and
-    12 with the defaults, on ``n_examples=200`` images).
+    Cost per example: ``steps[0] * (1 + restarts) + steps[1] + 1`` forward
+    and input-backward passes and about ``noise_samples + restarts + 4``
+    forward passes (111 and 19 with the defaults, on ``n_examples=200``
+    images).
 
     Args:
         model: classifier taking pixels in [0, 1] and returning logits.
@@ -183,7 +184,7 @@ def check_gradient_masking(
                 "(quantization, rounding, JPEG), a saturated softmax or float overflow, detached operations. "
                 "Evaluate with BPDA or gradient-free attacks.", dead, zero_grad_threshold))
 
-        clean = torch.cat([_correct(model, x, y) for x, y in data])
+        clean = (outputs.argmax(1) == torch.cat([y for _, y in data])).cpu()
         weak = PGD(eps, steps=weak_steps, random_start=True)
         strong = PGD(eps, steps=strong_steps, random_start=True)
         restarted = PGD(eps, steps=weak_steps, random_start=True, restarts=restarts)
