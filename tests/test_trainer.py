@@ -289,3 +289,12 @@ def test_device_loader_is_used_as_given():
     trainer = make_trainer(None, epochs=1, eval_every=0)
     trainer.fit(loader)
     assert trainer.loader is loader and trainer.global_step == 4
+
+
+def test_accuracy_works_for_a_model_without_parameters():
+    from advtrain.evaluation import accuracy
+
+    model = nn.Sequential(nn.Flatten(), nn.Identity())
+    x = torch.zeros(4, 1, 1, 3)
+    x[torch.arange(4), 0, 0, torch.tensor([0, 1, 2, 0])] = 1.0
+    assert accuracy(model, x, torch.tensor([0, 1, 2, 1])) == 0.75

@@ -25,7 +25,8 @@ def correct_predictions(
     if images.shape[0] != labels.shape[0]:
         raise ValueError(f"images and labels differ in length: {images.shape[0]} vs {labels.shape[0]}")
     if device is None:
-        device = next(model.parameters()).device
+        first = next(model.parameters(), None)
+        device = first.device if first is not None else images.device
     out = []
     with model_mode(model, "eval"):
         for start in range(0, images.shape[0], batch_size):
