@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence, Tuple
 
 from .config import RESERVED, load_config, resolve_config
-from .distributed import init_distributed
+from .distributed import init_distributed, shutdown_distributed
 from .training.callbacks import Callback
 
 METHODS = ("standard", "fgsm", "fgsm-rs", "nfgsm", "pgd", "atta", "apart")
@@ -212,7 +212,10 @@ def run_train(args: argparse.Namespace) -> int:
     trainer = build_trainer(args, num_classes=len(train.classes))
     if args.out and trainer.is_main:
         trainer.callbacks.append(_RecordConfig(Path(args.out) / CONFIG_NAME, recorded_options(args)))
-    history = trainer.fit(train, eval_data=test, resume=bool(args.resume))
+    try:
+        history = trainer.fit(train, eval_data=test, resume=bool(args.resume))
+    finally:
+        shutdown_distributed()
     if not trainer.is_main:
         return 0
     last = history[-1]

@@ -19,8 +19,9 @@ Conventions of a distributed advtrain run:
 """
 from __future__ import annotations
 
+import inspect
 import os
-from typing import Optional
+from typing import Any, Dict, Optional
 
 import torch
 import torch.distributed as dist
@@ -63,6 +64,26 @@ def local_device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device("cpu")
+
+
+def shutdown_distributed() -> None:
+    """Wait for all processes and destroy the default process group (call at
+    the end of a multi-process run, so no process exits while others still
+    communicate)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def no_forward_buffer_sync() -> Dict[str, Any]:
+    """DDP keyword that turns off the per-forward broadcast of rank 0's buffers
+    (advtrain averages BatchNorm statistics at epoch ends instead), for the
+    installed torch: ``forward_sync_buffers=False`` where it exists (buffers
+    are still synchronised once at construction), else ``broadcast_buffers=False``."""
+    params = inspect.signature(nn.parallel.DistributedDataParallel.__init__).parameters
+    if "forward_sync_buffers" in params:
+        return {"forward_sync_buffers": False}
+    return {"broadcast_buffers": False}
 
 
 def all_reduce_sum(t: Tensor) -> Tensor:

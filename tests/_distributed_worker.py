@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from advtrain.distributed import init_distributed, rank
+from advtrain.distributed import init_distributed, rank, shutdown_distributed
 from advtrain.training import ATTATrainer, Trainer
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -24,6 +24,7 @@ def main(out: Path) -> None:
     trainer = Trainer(bn_model(), batch_size=8, **settings())
     trainer.fit(dataset())
     torch.save({"model": trainer.model.state_dict()}, out / f"bn{r}.pt")
+    shutdown_distributed()
 
 
 if __name__ == "__main__":

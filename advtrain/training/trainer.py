@@ -166,7 +166,7 @@ class Trainer:
         self.train_model: nn.Module = self.forward_model
         if self.distributed:
             ddp = DistributedDataParallel(self.model, device_ids=[self.device] if self.device.type == "cuda" else None,
-                                          broadcast_buffers=False)
+                                          **dist_utils.no_forward_buffer_sync())
             self.train_model = torch.compile(ddp) if compile else ddp  # type: ignore[assignment]
         self.policy = policy if policy is not None else CleanPolicy()
         self.lr = float(lr)
