@@ -1,6 +1,7 @@
 """Run by tests/test_distributed.py under ``torchrun --nproc_per_node=2``:
 trains two small models data-parallel (gloo, CPU) and saves each rank's final
 state, so the test can compare ranks and a single-process run."""
+import os
 import sys
 from pathlib import Path
 
@@ -19,13 +20,18 @@ def main(out: Path) -> None:
     # Equivalence with one process: no BatchNorm, deterministic ATTA (sharded stores).
     trainer = ATTATrainer(plain_model(), batch_size=8, run_dir=out / "atta", **settings())
     trainer.fit(dataset())
+    print(f"rank {r}: atta trained", flush=True)
     torch.save({"model": trainer.model.state_dict(), "store": trainer.policy.store.data}, out / f"atta{r}.pt")
     # BatchNorm statistics must end identical on both ranks.
     trainer = Trainer(bn_model(), batch_size=8, **settings())
     trainer.fit(dataset())
     torch.save({"model": trainer.model.state_dict()}, out / f"bn{r}.pt")
+    print(f"rank {r}: bn trained", flush=True)
     shutdown_distributed()
+    print(f"rank {r}: shut down", flush=True)
 
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]))
+    sys.stdout.flush()
+    os._exit(0)  # results are saved: skip interpreter teardown of gloo's threads

@@ -44,6 +44,19 @@ def settings():
     return dict(epochs=2, lr=0.05, eval_every=0, progress=False, seed=0, device="cpu")
 
 
+def launch(cmd, env):
+    """Run a torchrun command; once more if the first launch dies. A gloo
+    process occasionally aborts ("terminate called without an active
+    exception") on this 2-core VM; the retry keeps CI meaningful while the
+    first failure's output stays visible in the test log."""
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0:
+        print("first torchrun launch failed, retrying:\n" + proc.stdout[-2000:] + proc.stderr[-2000:])
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
 def test_sharded_loader_yields_the_global_batches_of_a_stratified_loader():
     x, y = dataset()
     whole = DeviceLoader((x, y), 16, num_shards=2, seed=5, device="cpu")
@@ -76,8 +89,7 @@ def test_two_processes_match_each_other_and_a_single_process_run(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(HERE.parent))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(HERE / "_distributed_worker.py"), str(tmp_path)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    launch(cmd, env)
 
     ranks = [torch.load(tmp_path / f"atta{r}.pt", weights_only=True) for r in range(2)]
     for key, value in ranks[0]["model"].items():
@@ -109,8 +121,7 @@ def test_torchrun_runs_the_command_line_on_two_cpu_processes(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "advtrain",
            "train", "--method", "fgsm", "--model", "smallcnn", "--data", str(data), "--epochs", "2",
            "--batch-size", "16", "--eval-examples", "32", "--device", "cpu", "--no-progress", "--out", str(out)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = launch(cmd, env)
     assert proc.stdout.count("done: fgsm smallcnn 2 epochs") == 1  # rank 0 alone reports
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2]
