@@ -197,7 +197,7 @@ def test_checkpoint_from_another_model_is_rejected(tmp_path):
     make_trainer(tmp_path, epochs=1, eval_every=0).fit(synthetic(64))
     torch.manual_seed(0)
     other = Trainer(SmallCNN(num_classes=3, width=4), epochs=2, batch_size=32, progress=False, run_dir=tmp_path)
-    with pytest.raises(CheckpointError, match="different model"):
+    with pytest.raises(CheckpointError, match="different model"), pytest.warns(UserWarning, match="differ"):
         other.fit(synthetic(64), resume=True)
 
 
