@@ -298,3 +298,32 @@ def test_accuracy_works_for_a_model_without_parameters():
     x = torch.zeros(4, 1, 1, 3)
     x[torch.arange(4), 0, 0, torch.tensor([0, 1, 2, 0])] = 1.0
     assert accuracy(model, x, torch.tensor([0, 1, 2, 1])) == 0.75
+
+
+def test_pad_last_gives_full_batches_that_still_cover_every_example():
+    x, y = synthetic(70)
+    loader = DeviceLoader((x, y), 32, pad_last=True, seed=1, device="cpu")
+    batches = list(loader)
+    assert len(batches) == 3 and all(len(b) == 32 for b in batches)
+    seen = torch.cat([b.index for b in batches])
+    assert set(seen.tolist()) == set(range(70))
+    assert all(len(set(b.index.tolist())) == 32 for b in batches)  # no example twice within a batch
+    with pytest.raises(ValueError, match="exclude each other"):
+        DeviceLoader((x, y), 32, pad_last=True, drop_last=True)
+
+
+@pytest.mark.slow
+def test_compiled_training_does_not_recompile_across_steps_epochs_or_the_last_batch():
+    torch._dynamo.reset()
+    from torch._dynamo.utils import counters
+
+    graphs = []
+    for epochs in (1, 3):
+        torch._dynamo.reset()
+        counters.clear()
+        trainer = make_trainer(None, epochs=epochs, batch_size=32, eval_every=0, compile=True)
+        trainer.fit(synthetic(80))  # 80 = 2 full batches + a partial one, filled up
+        graphs.append(counters["stats"]["unique_graphs"])
+        assert sum(counters["graph_break"].values()) == 0
+    # one graph for the attack's forward (input requires grad), one for the training forward
+    assert graphs == [2, 2]

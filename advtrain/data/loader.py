@@ -237,6 +237,10 @@ class DeviceLoader:
         padding: crop padding in pixels; also the padding per-example stores
             use (reported by :attr:`padding` even when ``augment`` is off).
         drop_last: skip the final partial batch of each epoch.
+        pad_last: fill the final partial batch with examples from the start of
+            the epoch's order (wrap-around), so every batch has ``batch_size``
+            examples — static shapes for ``torch.compile``; those few examples
+            are seen twice in that epoch.
         device: where the split lives and batches are produced. None keeps
             tensors already on an accelerator there, and otherwise uses the
             current CUDA device when there is one, else the CPU.
@@ -276,6 +280,7 @@ class DeviceLoader:
         seed: int = 0,
         num_shards: int = 1,
         shard: Optional[int] = None,
+        pad_last: bool = False,
     ) -> None:
         self.batch_size = check_positive_int(batch_size, "batch_size")
         self.num_shards = check_positive_int(num_shards, "num_shards")
@@ -292,6 +297,9 @@ class DeviceLoader:
         self.shuffle = bool(shuffle)
         self.augment = bool(augment)
         self.drop_last = bool(drop_last)
+        self.pad_last = bool(pad_last)
+        if self.drop_last and self.pad_last:
+            raise ValueError("drop_last and pad_last exclude each other")
         self.dtype = dtype
         images, labels = as_tensors(data)
         self.device = _resolve_device(device, images)
@@ -356,6 +364,8 @@ class DeviceLoader:
         generator = torch.Generator(device=self.device)
         generator.manual_seed(_epoch_seed(self._seed, epoch))
         n, shards, length = self.num_examples, self.num_shards, self._shard_length
+        if self.pad_last:
+            length = len(self) * self._shard_batch
         rows = []
         for s in range(shards):
             members = torch.arange(s, n, shards, device=self.device)

@@ -73,7 +73,9 @@ class Trainer:
             or ``"bf16"``.
         channels_last: use channels-last memory format (default: on, on every
             device: convolutions run faster in it on CUDA and on the CPU alike).
-        compile: wrap the model in :func:`torch.compile` for training and attacks.
+        compile: wrap the model in :func:`torch.compile` for training and attacks;
+            the loader built by ``fit`` then fills up the last batch of each
+            epoch (``pad_last``) so that shapes stay static.
         device: where to train (default: CUDA if available).
         eval_every: evaluate every this many epochs (and after the last); 0 never.
         eval_examples: how many evaluation images to use (``None``: all).
@@ -162,6 +164,7 @@ class Trainer:
             self.model = self.model.to(memory_format=torch.channels_last)
         # Attacks and policies run on forward_model (never DDP-wrapped: no
         # gradient synchronisation); the training forward runs on train_model.
+        self.compile = bool(compile)
         self.forward_model: nn.Module = torch.compile(self.model) if compile else self.model  # type: ignore[assignment]
         self.train_model: nn.Module = self.forward_model
         if self.distributed:
@@ -221,8 +224,11 @@ class Trainer:
                 raise ValueError(f"in a distributed run the loader of rank {self.rank} needs num_shards="
                                  f"{shards}, shard={shard}; got num_shards={train.num_shards}, shard={train.shard}")
             return train
+        # Under torch.compile the last batch is filled up (pad_last): shapes
+        # stay static and the hot path is never recompiled for it.
         return DeviceLoader(train, self.batch_size, shuffle=True, augment=True, device=self.device,
-                            seed=self.seed if self.seed is not None else 0, num_shards=shards, shard=shard)
+                            seed=self.seed if self.seed is not None else 0, num_shards=shards, shard=shard,
+                            pad_last=self.compile)
 
     # ------------------------------------------------------------- checkpoints
     def state_dict(self) -> Dict[str, Any]:
