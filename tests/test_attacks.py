@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
+from _helpers import NoHostSync
 from advtrain.attacks import (FGSM, FGSMRS, NFGSM, PGD, Attack, cross_entropy, dlr_loss, get_loss,
                               margin_loss, model_mode, targeted_dlr_loss)
 
@@ -464,15 +464,6 @@ def test_callable_loss_matches_named_loss():
     torch.testing.assert_close(named, custom, atol=0, rtol=0)
 
 
-class _NoHostSync(TorchFunctionMode):
-    FORBIDDEN = {"item", "__bool__", "__float__", "__int__", "__index__", "tolist", "numpy"}
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if getattr(func, "__name__", "") in self.FORBIDDEN:
-            raise AssertionError(f"host synchronisation via Tensor.{func.__name__}")
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("attack", [
     pytest.param(PGD(EPS, steps=3, restarts=2, bn_mode="train"), id="pgd_linf_restarts_train"),
     pytest.param(PGD(0.5, norm="l2", steps=3, loss="margin"), id="pgd_l2_margin"),
@@ -484,7 +475,7 @@ class _NoHostSync(TorchFunctionMode):
 def test_unchecked_run_has_no_host_sync(attack):
     model = conv_model(0)
     x, y = conv_batch(0)
-    with _NoHostSync():
+    with NoHostSync():
         x_adv = attack.run(model, x, y, check=False)
     assert x_adv.shape == x.shape
 

@@ -3,15 +3,14 @@ case, sequential attacking, the report) and of the gradient-masking checks,
 each on a model built to show its symptom and on a normal small model."""
 from __future__ import annotations
 
-import copy
-import functools
 import json
 import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from _helpers import trained_model
 
 from advtrain.attacks.base import Attack
 from advtrain.attacks.pgd import PGD
@@ -23,38 +22,6 @@ EPS = 8 / 255
 
 
 # ----------------------------------------------------------------------------- helpers
-
-@functools.lru_cache(maxsize=None)
-def _trained(seed: int):
-    g = torch.Generator().manual_seed(seed)
-    templates = 0.4 + 0.2 * torch.rand(10, 3, 8, 8, generator=g)
-
-    def sample(m):
-        y = torch.randint(0, 10, (m,), generator=g)
-        return (templates[y] + 0.1 * torch.randn(m, 3, 8, 8, generator=g)).clamp(0, 1), y
-
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-                          nn.Conv2d(16, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-                          nn.Flatten(), nn.Linear(16 * 4 * 4, 10))
-    x, y = sample(512)
-    opt = torch.optim.Adam(model.parameters(), lr=5e-3)
-    for _ in range(60):
-        idx = torch.randint(0, 512, (64,), generator=g)
-        loss = F.cross_entropy(model(x[idx]), y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    opt.zero_grad(set_to_none=True)
-    return model.eval(), sample(128)
-
-
-def trained_model(seed: int = 0):
-    """A small conv net with BatchNorm trained briefly on a synthetic 10-class
-    problem (3x8x8), and a held-out batch (a fresh copy of a cached run)."""
-    model, data = _trained(seed)
-    return copy.deepcopy(model), data
-
 
 class ThresholdModel(nn.Module):
     """Two classes: predicts 1 when pixel (0, 0, 1) exceeds 0.5."""
