@@ -21,7 +21,9 @@ Options (all optional):
 ``--bench-rounds N``, ``--bench-batches N`` (0: full 50,000-image epoch),
 ``--bench-pgd-steps K[,K...]`` (extra PGD-k besides PGD-10),
 ``--bench-compile`` (``torch.compile`` the model), ``--bench-channels-last
-on|off``, ``--bench-threads N``.
+on|off``, ``--bench-threads N``, ``--bench-peak-tflops X`` (the device's
+dense bf16 peak for the fraction-of-peak column; known GPUs default to their
+data sheet's).
 """
 
 from __future__ import annotations
@@ -38,7 +40,17 @@ import pytest
 import torch
 from torch import Tensor
 
-from .harness import SIZES, BenchSize, machine_info, make_data, make_runner, make_size, size_summary
+from .harness import (
+    SIZES,
+    BenchSize,
+    bf16_peak_tflops,
+    machine_info,
+    make_data,
+    make_runner,
+    make_size,
+    pass_flops,
+    size_summary,
+)
 from .report import BenchResults, render_section, write_report
 
 _RESULTS_KEY = pytest.StashKey[BenchResults]()
@@ -93,6 +105,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "for advtrain's trainers and attacks",
     )
     group.addoption("--bench-threads", type=int, default=None, help="torch intra-op threads")
+    group.addoption(
+        "--bench-peak-tflops",
+        type=float,
+        default=None,
+        metavar="TFLOPS",
+        help="the device's dense bf16 peak for the fraction-of-peak column "
+        "(default: the data sheet's for H200/H100/A100, none on a CPU)",
+    )
 
 
 def _size_from_options(config: pytest.Config) -> BenchSize:
@@ -142,12 +162,20 @@ def pytest_configure(config: pytest.Config) -> None:
         )
         if on
     )
+    peak = config.getoption("--bench-peak-tflops")
+    if peak is not None and peak <= 0:
+        raise pytest.UsageError("--bench-peak-tflops must be > 0")
+    peak_source = "given with --bench-peak-tflops"
+    if peak is None:
+        peak, peak_source = bf16_peak_tflops(size)
     config.stash[_RESULTS_KEY] = BenchResults(
         size=size.name,
         variant=variant,
         command=f"python -m pytest {args}".strip(),
         machine=machine_info(size),
         config=size_summary(size),
+        peak_tflops=peak,
+        peak_source=peak_source,
     )
 
 
@@ -178,6 +206,7 @@ def bench_data(
     # costs (thread pools, kernel libraries, CUDA context and allocator) are
     # not charged to the first method's time or memory.
     make_runner("FGSM", bench_size, images, labels).warmup(1)
+    bench_results.pass_flops = pass_flops(bench_size)
     return images, labels
 
 

@@ -20,9 +20,11 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
 
-from advtrain.attacks import PGD
+from advtrain.attacks import APGD, PGD
 from advtrain.data import DeviceLoader, cifar10
 from advtrain.models import build_model
 from advtrain.training import (
@@ -445,6 +447,67 @@ class PeakMemory:
         return MemoryReading(max(peak_kib, 0) / 1024, kind)
 
 
+# --------------------------------------------------------------- FLOP count
+def pass_flops(size: BenchSize) -> Dict[str, float]:
+    """Matrix FLOPs per example of one pass of each kind through the benchmark
+    model, counted by ``torch.utils.flop_counter.FlopCounterMode`` (the
+    convolutions and the linear layer, forward and backward; elementwise work
+    is not counted) on a batch of ``size.batch_size``, the model in train mode:
+
+    * ``forward``: one forward pass;
+    * ``backward_input_only``: the gradient with respect to the input only
+      (``autograd.grad``; the convolutions' weight-gradient kernels are
+      skipped);
+    * ``backward_full``: ``loss.backward()`` with the input not requiring
+      grad (weight gradients, no gradient for the input image).
+
+    Multiplied by a method's counted passes this gives its model FLOPs per
+    example, the numerator of the fraction of the hardware's peak (the
+    convention of "model FLOPs utilisation")."""
+    device = torch.device(size.device)
+    model = make_model(size).to(device).train()
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(size.batch_size, 3, 32, 32, generator=g).to(device)
+    y = torch.randint(0, 10, (size.batch_size,), generator=g).to(device)
+    out: Dict[str, float] = {}
+    with FlopCounterMode(display=False) as counter:
+        model(x)
+    out["forward"] = counter.get_total_flops() / size.batch_size
+    xr = x.clone().requires_grad_(True)
+    loss = F.cross_entropy(model(xr), y)
+    with FlopCounterMode(display=False) as counter:
+        torch.autograd.grad(loss, [xr])
+    out["backward_input_only"] = counter.get_total_flops() / size.batch_size
+    loss = F.cross_entropy(model(x), y)
+    with FlopCounterMode(display=False) as counter:
+        loss.backward()
+    out["backward_full"] = counter.get_total_flops() / size.batch_size
+    return out
+
+
+BF16_PEAK_TFLOPS = (
+    ("H100 PCIe", 756.0),
+    ("H200", 989.4),
+    ("H100", 989.4),
+    ("A100", 312.0),
+)
+"""Dense bf16 tensor-core peaks (TFLOP/s, without sparsity) from NVIDIA's data
+sheets, matched in this order against the GPU's name."""
+
+
+def bf16_peak_tflops(size: BenchSize) -> Tuple[Optional[float], str]:
+    """``(peak, source)``: the data-sheet dense bf16 peak of the size's CUDA
+    device, or ``(None, reason)`` on a CPU or an unlisted GPU (pass
+    ``--bench-peak-tflops`` then)."""
+    if not size.device.startswith("cuda") or not torch.cuda.is_available():
+        return None, "no bf16 peak for a CPU run"
+    name = torch.cuda.get_device_name(torch.device(size.device))
+    for key, peak in BF16_PEAK_TFLOPS:
+        if key in name:
+            return peak, f"{name}: dense bf16 data-sheet peak"
+    return None, f"{name}: peak unknown (pass --bench-peak-tflops)"
+
+
 # ------------------------------------------------------------------- runners
 class _StopBeforeFirstEpoch(Callback):
     def on_fit_start(self, trainer: Trainer) -> None:
@@ -565,25 +628,12 @@ def make_runner(name: str, size: BenchSize, images: Tensor, labels: Tensor) -> R
 # ------------------------------------------------------------------ attacks
 def attack_factories(size: BenchSize) -> Dict[str, Callable[[], Any]]:
     """Evaluation attacks: PGD-20 (ε = 8/255, step 2/255, random start,
-    BatchNorm in eval mode, as in ``advtrain.training.pgd20``) and, when
-    ``advtrain.attacks.apgd`` exists, APGD-CE with ``size.apgd_steps``
-    iterations (100 in the protocol)."""
-
-    def apgd() -> Any:
-        try:
-            from advtrain.attacks.apgd import APGD  # type: ignore[import-not-found]
-        except ImportError as exc:  # written by another engineer; may be absent
-            raise AttackUnavailable(f"advtrain.attacks.apgd is not available ({exc})") from exc
-        return APGD(EPS, steps=size.apgd_steps, loss="ce")
-
+    BatchNorm in eval mode, as in ``advtrain.training.pgd20``) and APGD-CE
+    with ``size.apgd_steps`` iterations (100 in the protocol)."""
     return {
         "PGD-20": lambda: PGD(EPS, steps=20, step_size=EPS / 4, random_start=True, bn_mode="eval"),
-        f"APGD-CE ({size.apgd_steps} steps)": apgd,
+        f"APGD-CE ({size.apgd_steps} steps)": lambda: APGD(EPS, steps=size.apgd_steps, loss="ce"),
     }
-
-
-class AttackUnavailable(RuntimeError):
-    """The attack's module is not part of this checkout."""
 
 
 class AttackRunner:
@@ -707,6 +757,8 @@ __all__ = [
     "method_factories",
     "method_names",
     "PassCounter",
+    "pass_flops",
+    "bf16_peak_tflops",
     "cost_units",
     "PeakMemory",
     "MemoryReading",
@@ -716,7 +768,6 @@ __all__ = [
     "make_runner",
     "attack_factories",
     "AttackRunner",
-    "AttackUnavailable",
     "machine_info",
     "REFERENCE",
     "BASELINE",

@@ -23,7 +23,7 @@ import argparse
 import json
 import re
 import statistics
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -48,6 +48,8 @@ TRAINING_COLUMNS = (
     "Forward / example",
     "Input-only backward / example",
     "Full backward / example",
+    "Model TFLOP/s",
+    "Fraction of bf16 peak",
     "Peak memory (MiB)",
 )
 ATTACK_COLUMNS = (
@@ -128,8 +130,13 @@ class BenchResults:
     data: str = ""
     training: List[TrainingResult] = field(default_factory=list)
     attacks: List[AttackResult] = field(default_factory=list)
-    skipped: List[str] = field(default_factory=list)
     notes: List[str] = field(default_factory=list)
+    pass_flops: Dict[str, float] = field(default_factory=dict)
+    """Matrix FLOPs per example of one ``forward``, ``backward_input_only`` and
+    ``backward_full`` pass of the model (``harness.pass_flops``)."""
+    peak_tflops: Optional[float] = None
+    """The device's dense bf16 peak in TFLOP/s, when known."""
+    peak_source: str = ""
 
     @property
     def section(self) -> str:
@@ -169,6 +176,28 @@ class BenchResults:
         if ref is None or res is None or not ref.passes or not res.passes:
             return None
         return cost_units(res.passes) / cost_units(ref.passes)
+
+    def model_tflops(self, method: str) -> Optional[float]:
+        """Achieved model TFLOP/s of ``method``'s fastest epoch: its counted
+        passes per example times each pass's matrix FLOPs
+        (:attr:`pass_flops`), times the examples per epoch, over the epoch's
+        wall time. Elementwise work is not counted, so this is the "model
+        FLOPs" convention, not everything the hardware executed."""
+        res = self.find(method)
+        examples = int(self.config.get("examples per epoch", 0) or 0)
+        if res is None or not res.times or not res.passes or not self.pass_flops or not examples:
+            return None
+        per_example = sum(
+            res.passes.get(kind, 0.0) * flops for kind, flops in self.pass_flops.items()
+        )
+        return per_example * examples / res.best / 1e12
+
+    def peak_fraction(self, method: str) -> Optional[float]:
+        """:meth:`model_tflops` over the device's bf16 peak (:attr:`peak_tflops`)."""
+        achieved = self.model_tflops(method)
+        if achieved is None or not self.peak_tflops:
+            return None
+        return achieved / self.peak_tflops
 
     def speedup(self) -> Optional[float]:
         """Reference loop's PGD-10 epoch time over advtrain's."""
@@ -216,6 +245,17 @@ class BenchResults:
                     "" if t is None else _margin(t, limit, upper=True),
                 )
             )
+        if self.peak_tflops:
+            for method in EPOCH_TARGETS_S.get(self.size, {}):
+                rows.append(
+                    (
+                        f"{method}: fraction of the bf16 peak ({self.peak_tflops:g} TFLOP/s)",
+                        "reported",
+                        self.peak_fraction(method),
+                        None,
+                        "",
+                    )
+                )
         return rows
 
     # serialisation
@@ -224,7 +264,8 @@ class BenchResults:
 
     @classmethod
     def from_json(cls, data: Dict[str, Any]) -> "BenchResults":
-        out = cls(**{k: v for k, v in data.items() if k not in ("training", "attacks")})
+        known = {f.name for f in fields(cls)} - {"training", "attacks"}
+        out = cls(**{k: v for k, v in data.items() if k in known})
         out.training = [TrainingResult(**r) for r in data.get("training", [])]
         out.attacks = [AttackResult(**r) for r in data.get("attacks", [])]
         return out
@@ -239,6 +280,20 @@ def _fmt(value: Optional[float], digits: int = 3) -> str:
     if abs(value) >= 100:
         return f"{value:.0f}"
     return f"{value:.{digits}g}"
+
+
+def _percent(value: Optional[float]) -> str:
+    return "n/a" if value is None else f"{value:.1%}"
+
+
+def _measured(required: str, value: Optional[float]) -> str:
+    if value is None:
+        return "n/a"
+    if "×" in required:
+        return f"{value:.2f}×"
+    if required == "reported":
+        return _percent(value)
+    return f"{value:.3f}"
 
 
 def _passes(value: Optional[float]) -> str:
@@ -278,6 +333,8 @@ def training_rows(results: BenchResults) -> List[List[str]]:
                 _passes(p.get("forward")),
                 _passes(p.get("backward_input_only")),
                 _passes(p.get("backward_full")),
+                _fmt(results.model_tflops(method)),
+                _percent(results.peak_fraction(method)),
                 _fmt(r.memory_mib, 4) if r.memory_mib is not None else "n/a",
             ]
         )
@@ -353,6 +410,7 @@ def render_section(results: BenchResults) -> str:
         "*full* = also reaching the first layer's weight, i.e. with weight gradients; "
         "*input-only* = `autograd.grad` to the input and/or perturbation sites, no "
         "weight-gradient kernels). "
+        f"*Model TFLOP/s*: {_flops_note(results)} "
         f"*Peak memory*: {_memory_kind(results)}.",
     ]
     if results.attacks:
@@ -364,8 +422,6 @@ def render_section(results: BenchResults) -> str:
             "mode, the size's precision), batches of the training batch size; images / s from "
             "the minimum time.",
         ]
-    if results.skipped:
-        lines += [""] + [f"- Skipped: {s}" for s in results.skipped]
     rows = results.targets()
     if rows:
         lines += ["", "#### Targets", ""]
@@ -375,7 +431,7 @@ def render_section(results: BenchResults) -> str:
                 [
                     t,
                     req,
-                    "n/a" if val is None else (f"{val:.2f}×" if "×" in req else f"{val:.3f}"),
+                    _measured(req, val),
                     "n/a" if met is None else ("yes" if met else "**no**"),
                     margin,
                 ]
@@ -385,6 +441,25 @@ def render_section(results: BenchResults) -> str:
     if results.notes:
         lines += [""] + [f"- {n}" for n in results.notes]
     return "\n".join(lines) + "\n"
+
+
+def _flops_note(results: BenchResults) -> str:
+    if not results.pass_flops:
+        return "not counted in this run."
+    f = results.pass_flops
+    text = (
+        "the counted passes per example times each pass's matrix FLOPs (convolutions and the "
+        "linear layer, counted by `torch.utils.flop_counter.FlopCounterMode` on this model: "
+        f"forward {f['forward'] / 1e9:.3g} GFLOP, input-only backward "
+        f"{f['backward_input_only'] / 1e9:.3g} GFLOP, full backward "
+        f"{f['backward_full'] / 1e9:.3g} GFLOP per example), times the examples per epoch, "
+        "over the fastest epoch; elementwise work is not counted."
+    )
+    if results.peak_tflops:
+        text += f" *Fraction of bf16 peak*: of {results.peak_tflops:g} TFLOP/s ({results.peak_source})."
+    else:
+        text += f" *Fraction of bf16 peak*: n/a ({results.peak_source or 'no peak given'})."
+    return text
 
 
 def _memory_kind(results: BenchResults) -> str:

@@ -25,10 +25,12 @@ from benchmarks.harness import (  # noqa: E402
     BASELINE,
     PassCounter,
     PeakMemory,
+    bf16_peak_tflops,
     make_data,
     make_runner,
     make_size,
     method_names,
+    pass_flops,
 )
 from benchmarks.report import (  # noqa: E402
     ATTACK_COLUMNS,
@@ -139,6 +141,51 @@ def test_counter_needs_examples():
         model(torch.zeros(1, 2))
     with pytest.raises(ValueError, match="examples"):
         counter.per_example()
+
+
+def test_pass_flops_match_the_convolution_arithmetic():
+    # SmallCNN(width=4) at batch 16: count by hand what FlopCounterMode should
+    # see, from the layer shapes (2 FLOPs per multiply-add).
+    size = make_size("smoke")
+    flops = pass_flops(size)
+    from benchmarks.harness import make_model
+
+    model = make_model(size)
+    macs, hw = 0, 32
+    shapes = []
+
+    def record(module, inputs, output):
+        shapes.append((module, output.shape))
+
+    handles = [
+        m.register_forward_hook(record)
+        for m in model.modules()
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))
+    ]
+    with torch.no_grad():
+        model(torch.rand(1, 3, hw, hw))
+    for h in handles:
+        h.remove()
+    for module, shape in shapes:
+        if isinstance(module, torch.nn.Conv2d):
+            k = module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
+            macs += shape.numel() * k
+        else:
+            macs += module.in_features * module.out_features
+    assert flops["forward"] == pytest.approx(2 * macs)
+    # The input gradient costs a forward except for the first layer's
+    # (its input is the image: the same shape, so the same count); the full
+    # backward adds the weight gradients (one forward's worth) but skips the
+    # first layer's input gradient.
+    first = shapes[0][0]
+    first_macs = shapes[0][1].numel() * first.in_channels * first.kernel_size[0] * first.kernel_size[1]
+    assert flops["backward_input_only"] == pytest.approx(2 * macs)
+    assert flops["backward_full"] == pytest.approx(2 * (2 * macs - first_macs))
+
+
+def test_peak_is_unknown_on_a_cpu():
+    peak, why = bf16_peak_tflops(make_size("smoke"))
+    assert peak is None and "CPU" in why
 
 
 def test_epoch_timing_and_memory(smoke):
@@ -254,6 +301,29 @@ def test_report_table_columns_and_values():
     assert met["FGSM-RS epoch / PGD-10 epoch"] == "**no**"  # 0.6 / 2.0 = 0.3
     assert met["N-FGSM epoch / PGD-10 epoch"] == "n/a"  # not measured: no verdict
     assert met[f"advtrain PGD-10 vs {BASELINE}"] == "yes"  # 3.0 / 2.0 = 1.5 ≥ 1.3
+    assert by_method["PGD-10"]["Model TFLOP/s"] == "n/a"  # no FLOPs counted in this run
+
+
+def test_report_model_flops_and_fraction_of_peak():
+    results = _results()
+    results.size = "gpu"
+    results.config["examples per epoch"] = 50_000
+    results.pass_flops = dict(forward=1e9, backward_input_only=1e9, backward_full=2e9)
+    results.peak_tflops, results.peak_source = 1000.0, "test GPU"
+    # PGD-10: 23 GFLOP per example (11 F + 10 F + 2 F) × 50,000 / 2.0 s = 575 TFLOP/s.
+    assert results.model_tflops("PGD-10") == pytest.approx(575.0)
+    assert results.peak_fraction("PGD-10") == pytest.approx(0.575)
+    # The reference loop's 11 full backward passes cost 2 F each: 33 GFLOP per example.
+    assert results.model_tflops(BASELINE) == pytest.approx(33e9 * 50_000 / 3.0 / 1e12)
+    text = render_section(results)
+    _, rows = _table(text, "Method")
+    by_method = {r["Method"]: r for r in rows}
+    assert by_method["PGD-10"]["Model TFLOP/s"] == "575"
+    assert by_method["PGD-10"]["Fraction of bf16 peak"] == "57.5%"
+    _, targets = _table(text, "Target")
+    measured = {t["Target"]: t["Measured"] for t in targets}
+    assert measured["PGD-10: fraction of the bf16 peak (1000 TFLOP/s)"] == "57.5%"
+    assert measured["PGD-10 epoch time (s), full 50,000-image epoch"] == "2.000"
 
 
 def test_write_report_keeps_text_outside_its_markers(tmp_path):
