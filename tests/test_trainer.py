@@ -3,6 +3,7 @@ and an end-to-end check on real CIFAR-10."""
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import pytest
@@ -350,3 +351,64 @@ def test_compiled_training_does_not_recompile_across_steps_epochs_or_the_last_ba
     # perturbations (probes in pass 1, α_l·sign(g_l) in pass 2) stay inside them.
     assert count.graphs == [2, 2]
     assert count.breaks == [0, 0]
+
+
+class _PerturbationSpy(Callback):
+    """Wraps the policy's ``perturb`` to record what each batch's perturbation
+    looked like: input dtype and distance from the clean batch, site dtypes."""
+
+    def __init__(self) -> None:
+        self.seen = []
+
+    def on_fit_start(self, trainer):
+        policy = trainer.policy
+        perturb = policy.perturb
+
+        def spy(model, batch):
+            pert = perturb(model, batch)
+            self.seen.append((pert.x.dtype, (pert.x - batch.x).abs().max().item(),
+                              [d.dtype for d in pert.sites.values()], torch.is_autocast_enabled("cpu")))
+            return pert
+
+        policy.perturb = spy
+
+
+@pytest.mark.parametrize("method", ["FGSM", "FGSM-RS", "N-FGSM", "PGD-2", "ATTA-1", "APART"])
+def test_every_method_trains_under_bf16_autocast_with_fp32_perturbations(method):
+    # precision="bf16" is the CUDA default; on the CPU it runs the same code
+    # path with CPU autocast: the model computes in bf16, the perturbations
+    # and their projection stay fp32.
+    from advtrain import APARTTrainer, ATTATrainer, FGSMTrainer, NFGSMTrainer
+
+    eps = 8 / 255
+    build = {
+        "FGSM": lambda m, **kw: FGSMTrainer(m, eps=eps, **kw),
+        "FGSM-RS": lambda m, **kw: FastATTrainer(m, eps=eps, **kw),
+        "N-FGSM": lambda m, **kw: NFGSMTrainer(m, eps=eps, **kw),
+        "PGD-2": lambda m, **kw: PGDTrainer(m, eps=eps, steps=2, **kw),
+        "ATTA-1": lambda m, **kw: ATTATrainer(m, eps=eps, steps=1, **kw),
+        "APART": lambda m, **kw: APARTTrainer(m, eps=eps, step_lr=1e-3, **kw),
+    }[method]
+    model = small_model()
+    logits_dtypes = []
+    # training-mode forwards only (APART's setup measures its sites once in eval mode, in fp32)
+    model.register_forward_hook(lambda m, _i, out: logits_dtypes.append(out.dtype) if m.training else None)
+    before = params(model)
+    spy = _PerturbationSpy()
+    trainer = build(model, epochs=2, batch_size=32, lr=0.05, eval_every=0, progress=False, seed=0,
+                    device="cpu", precision="bf16", callbacks=[spy])
+    history = trainer.fit(synthetic(64))
+    assert len(logits_dtypes) >= 4 and set(logits_dtypes) == {torch.bfloat16}  # all training passes in bf16
+    assert len(spy.seen) == 4
+    for x_dtype, dist, site_dtypes, autocast_on in spy.seen:
+        assert autocast_on and x_dtype == torch.float32
+        # N-FGSM does not project back to the ε-ball (its noise reaches 2ε)
+        assert dist <= (3 if method == "N-FGSM" else 1) * eps + 1e-6
+        assert all(d == torch.float32 for d in site_dtypes)
+    assert all(math.isfinite(r["train_loss"]) for r in history.records)
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+    if method == "APART":
+        assert len(spy.seen[0][2]) == 2  # SmallCNN's two layer sites were perturbed
+        metrics = history.records[-1]
+        assert metrics["apart_alpha"] != pytest.approx(1e-4, rel=1e-6)  # the step sizes learned
+        assert all(math.isfinite(a) for a in metrics["apart_alpha_sites"])
