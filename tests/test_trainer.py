@@ -14,6 +14,7 @@ from advtrain import PGD, AttackPolicy, FastATTrainer, PGDTrainer, Trainer
 from advtrain.attacks import FGSMRS
 from advtrain.data import DeviceLoader, cifar10
 from advtrain.models import SmallCNN
+from advtrain.models.input_only import InputOnlyGradients
 from advtrain.training import Callback, CheckpointError, History, load_checkpoint, triangular
 from advtrain.training.schedules import cyclic_momentum, make_schedule, multistep
 
@@ -351,6 +352,8 @@ def test_compiled_training_does_not_recompile_across_steps_epochs_or_the_last_ba
     # perturbations (probes in pass 1, α_l·sign(g_l) in pass 2) stay inside them.
     assert count.graphs == [2, 2]
     assert count.breaks == [0, 0]
+    # the attack graph is the one without weight gradients (tests/test_input_only.py)
+    assert isinstance(trainer.forward_model._orig_mod, InputOnlyGradients)
 
 
 class _PerturbationSpy(Callback):

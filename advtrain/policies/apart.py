@@ -13,6 +13,7 @@ from .._validation import check_radius
 from ..attacks.base import model_mode
 from ..data.batch import Batch
 from ..distributed import average_gradients
+from ..models.input_only import InputOnlyGradients
 from ..models.sites import attach_sites, capture_sites, find_sites, perturb_sites
 from .base import Perturbation, PerturbationPolicy, PolicyContext
 from .store import PerExampleStore, resolve_store_dtype
@@ -21,11 +22,12 @@ from .store import PerExampleStore, resolve_store_dtype
 def _plain_module(model: nn.Module) -> nn.Module:
     """The module whose site names the policy uses. ``torch.compile`` wraps a
     model in a module whose submodule names gain an ``_orig_mod.`` prefix (and
-    ``DistributedDataParallel``/``DataParallel`` a ``module.`` one); the sites
-    themselves are shared with the wrapped model, so they are addressed there."""
+    ``DistributedDataParallel``/``DataParallel``/``InputOnlyGradients`` a
+    ``module.`` one); the sites themselves are shared with the wrapped model,
+    so they are addressed there."""
     while True:
         inner = getattr(model, "_orig_mod", None)
-        wrappers = (nn.DataParallel, nn.parallel.DistributedDataParallel)
+        wrappers = (nn.DataParallel, nn.parallel.DistributedDataParallel, InputOnlyGradients)
         if not isinstance(inner, nn.Module) and isinstance(model, wrappers):
             inner = model.module
         if not isinstance(inner, nn.Module):

@@ -21,6 +21,7 @@ from ..attacks.pgd import PGD
 from ..data.batch import Batch
 from ..data.loader import DeviceLoader, as_tensors
 from ..evaluation.accuracy import correct_predictions
+from ..models.input_only import InputOnlyGradients
 from ..models.sites import perturb_sites
 from ..policies.attack_policy import CleanPolicy
 from ..policies.base import PerturbationPolicy, PolicyContext
@@ -164,9 +165,13 @@ class Trainer:
             self.model = self.model.to(memory_format=torch.channels_last)
         # Attacks and policies run on forward_model (never DDP-wrapped: no
         # gradient synchronisation); the training forward runs on train_model.
+        # Compiled, the attacks' forward is a separate graph with the
+        # parameters detached, so that its backward computes no weight
+        # gradients (see advtrain.models.input_only).
         self.compile = bool(compile)
-        self.forward_model: nn.Module = torch.compile(self.model) if compile else self.model  # type: ignore[assignment]
-        self.train_model: nn.Module = self.forward_model
+        self.forward_model: nn.Module = (
+            torch.compile(InputOnlyGradients(self.model)) if compile else self.model)  # type: ignore[assignment]
+        self.train_model: nn.Module = torch.compile(self.model) if compile else self.model  # type: ignore[assignment]
         if self.distributed:
             ddp = DistributedDataParallel(self.model, device_ids=[self.device] if self.device.type == "cuda" else None,
                                           **dist_utils.no_forward_buffer_sync())
