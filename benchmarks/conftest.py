@@ -101,7 +101,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--bench-channels-last",
         choices=("on", "off"),
         default=None,
-        help="override the size's memory format (cpu: off, gpu: on) "
+        help="override the size's memory format (channels_last in every preset size) "
         "for advtrain's trainers and attacks",
     )
     group.addoption("--bench-threads", type=int, default=None, help="torch intra-op threads")

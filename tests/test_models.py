@@ -18,6 +18,7 @@ from advtrain.models import (
     CIFAR100_STD,
     Normalize,
     PreActResNet18,
+    ScaledDirection,
     SiteModule,
     SmallCNN,
     WideResNet,
@@ -279,6 +280,78 @@ def test_perturbation_gradient_flows_to_delta() -> None:
     (g,) = torch.autograd.grad(loss, [scale])
     expected = (direction @ last.weight.t()).sum() * x.shape[0]
     torch.testing.assert_close(g, expected)
+
+
+def _site_net(dtype: torch.dtype = torch.float32) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), SiteModule(), nn.Tanh(),
+                         nn.Conv2d(4, 2, 3, padding=1)).to(dtype)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "broadcast"])
+def test_scaled_direction_matches_the_plain_tensor_in_value_and_gradients(layout) -> None:
+    # float64: the fused op's gradients must equal the unfused ones to rounding
+    model = _site_net(torch.float64)
+    x = torch.randn(5, 3, 6, 6, dtype=torch.float64)
+    direction = torch.randn(1 if layout == "broadcast" else 5, 4, 6, 6, dtype=torch.float64)
+    if layout == "channels_last":
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+        direction = direction.contiguous(memory_format=torch.channels_last)
+    results = []
+    for fused in (True, False):
+        scale = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+        d = direction.clone().requires_grad_(True)
+        xi = x.clone().requires_grad_(True)
+        delta = ScaledDirection(scale, d) if fused else scale * d
+        with perturb_sites(model, {"1": delta}):
+            out = model(xi)
+        loss = (out * torch.linspace(-1, 1, out.numel(), dtype=torch.float64).view_as(out)).sum()
+        results.append((out, *torch.autograd.grad(loss, [scale, d, xi])))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b)
+    assert results[0][2].shape == direction.shape
+
+
+def test_scaled_direction_gradcheck_and_bf16() -> None:
+    model = _site_net(torch.float64)
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    direction = torch.randn(2, 4, 4, 4, dtype=torch.float64)
+
+    def f(scale, d):
+        with perturb_sites(model, {"1": ScaledDirection(scale, d)}):
+            return model(x)
+
+    scale = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(f, (scale, direction.clone().requires_grad_(True)))
+    # under bf16 the sum over the direction is accumulated in fp32: the scale's
+    # gradient is that of the fp32 product rounded once, not a bf16 sum
+    model32 = _site_net()
+    x32, d32 = x.float(), torch.randn(2, 4, 4, 4).sign()
+    grads = []
+    for fused in (True, False):
+        s = torch.tensor(0.01, requires_grad=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            delta = ScaledDirection(s, d32) if fused else s * d32
+            with perturb_sites(model32, {"1": delta}):
+                out = model32(x32)
+        assert out.dtype == torch.bfloat16
+        (g,) = torch.autograd.grad(out.float().sum(), [s])
+        grads.append(g)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=0)
+
+
+def test_scaled_direction_errors() -> None:
+    model = linear_model()
+    with pytest.raises(TypeError, match="one-element"):
+        with perturb_sites(model, {"1": ScaledDirection(torch.ones(2), torch.zeros(1, 4))}):
+            pass
+    with pytest.raises(TypeError, match="floating"):
+        with perturb_sites(model, {"1": ScaledDirection(torch.ones(()), torch.zeros(1, 4, dtype=torch.long))}):
+            pass
+    with perturb_sites(model, {"1": ScaledDirection(torch.ones(()), torch.zeros(4, 5))}):
+        with pytest.raises(ValueError, match="'1'"):
+            model(torch.randn(4, 3))
 
 
 def test_capture_gradient_matches_manual_and_finite_difference() -> None:

@@ -22,7 +22,7 @@ from torch import nn
 
 from advtrain.attacks import PGD
 from advtrain.data import Augmentation, Batch, DeviceLoader, random_augmentation
-from advtrain.models import SiteModule, SmallCNN, capture_sites, perturb_sites
+from advtrain.models import ScaledDirection, SiteModule, SmallCNN, capture_sites, perturb_sites
 from advtrain.policies import APARTPolicy, ATTAPolicy, AttackPolicy, PerExampleStore, PolicyContext
 from advtrain.policies.store import resolve_store_dtype
 from advtrain.training import APARTTrainer, ATTATrainer, LambdaCallback, Trainer
@@ -478,14 +478,15 @@ def test_apart_perturbation_follows_the_design_formulas():
     )
     assert torch.equal(pert.x, x1)
     assert pert.sites.keys() == sites.keys()
-    for name in sites:
-        assert torch.equal(pert.sites[name], sites[name])
+    for name in sites:  # α_l·sign(g_l), handed to the site as one fused ScaledDirection
+        assert isinstance(pert.sites[name], ScaledDirection)
+        assert torch.equal(pert.sites[name].value(), sites[name])
     x1 = pert.x.detach()
     assert 0 <= float(x1.min()) and float(x1.max()) <= 1
     dist = float((x1 - batch.x).abs().max())
     assert EPS - 1e-6 <= dist <= EPS + 1e-6  # inside the ball, and its edge was reached
     assert pert.x.requires_grad and pert.x.grad_fn is not None  # differentiable in α, α_ω
-    assert all(v.requires_grad for v in pert.sites.values())  # ... and in α_l
+    assert all(v.scale.requires_grad for v in pert.sites.values())  # ... and in α_l
 
 
 def test_apart_scalars_ascend_L2():
@@ -639,7 +640,7 @@ def test_apart_pass1_writes_no_grad_and_pass2_is_a_plain_training_step():
     assert pert.x.grad is not None
     # ... gives the weight gradients of a plain training step on the same (detached) perturbation
     model.zero_grad(set_to_none=True)
-    with perturb_sites(model, {k: v.detach() for k, v in pert.sites.items()}):
+    with perturb_sites(model, {k: v.value().detach() for k, v in pert.sites.items()}):
         plain = F.cross_entropy(model(pert.x.detach()), batch.y)
     plain.backward()
     assert torch.equal(plain, loss.detach())
@@ -708,7 +709,7 @@ def test_apart_accepts_a_compiled_model():
     compiled = torch.compile(model, backend="eager")  # the wrapper without code generation
     pert = policy.perturb(compiled, batch)
     assert torch.equal(pert.x, plain.x)
-    assert all(torch.equal(pert.sites[k], plain.sites[k]) for k in ("site1", "site2"))
+    assert all(torch.equal(pert.sites[k].value(), plain.sites[k].value()) for k in ("site1", "site2"))
     other = APARTPolicy(EPS)
     other.setup(compiled, context())
     assert other.site_names == ["site1", "site2"]

@@ -13,7 +13,7 @@ from torch import nn
 from advtrain import PGD, AttackPolicy, FastATTrainer, PGDTrainer, Trainer
 from advtrain.attacks import FGSMRS
 from advtrain.data import DeviceLoader, cifar10
-from advtrain.models import SmallCNN
+from advtrain.models import ScaledDirection, SmallCNN
 from advtrain.models.input_only import InputOnlyGradients
 from advtrain.training import Callback, CheckpointError, History, load_checkpoint, triangular
 from advtrain.training.schedules import cyclic_momentum, make_schedule, multistep
@@ -356,6 +356,10 @@ def test_compiled_training_does_not_recompile_across_steps_epochs_or_the_last_ba
     assert isinstance(trainer.forward_model._orig_mod, InputOnlyGradients)
 
 
+def _site_value(delta):
+    return delta.value() if isinstance(delta, ScaledDirection) else delta
+
+
 class _PerturbationSpy(Callback):
     """Wraps the policy's ``perturb`` to record what each batch's perturbation
     looked like: input dtype and distance from the clean batch, site dtypes."""
@@ -370,7 +374,7 @@ class _PerturbationSpy(Callback):
         def spy(model, batch):
             pert = perturb(model, batch)
             self.seen.append((pert.x.dtype, (pert.x - batch.x).abs().max().item(),
-                              [d.dtype for d in pert.sites.values()], torch.is_autocast_enabled("cpu")))
+                              [_site_value(d).dtype for d in pert.sites.values()], torch.is_autocast_enabled("cpu")))
             return pert
 
         policy.perturb = spy

@@ -9,7 +9,7 @@ from torch import nn
 
 from .normalize import CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, Normalize
 from .preact_resnet import PreActResNet18
-from .sites import Site, SiteModule, attach_sites, capture_sites, find_sites, perturb_sites
+from .sites import ScaledDirection, Site, SiteModule, attach_sites, capture_sites, find_sites, perturb_sites
 from .small_cnn import SmallCNN
 from .wide_resnet import WideResNet
 
@@ -44,6 +44,7 @@ __all__ = [
     "CIFAR100_STD",
     "Normalize",
     "PreActResNet18",
+    "ScaledDirection",
     "Site",
     "SiteModule",
     "SmallCNN",

@@ -13,11 +13,90 @@ gradients.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Dict, Iterator, List, Literal, Mapping, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Any, Dict, Iterator, List, Literal, Mapping, Optional, Sequence, Tuple, Union
 
+import torch
 from torch import Tensor, nn
 
 _ATTACHED = "_advtrain_attached_sites"
+
+
+@dataclass(frozen=True)
+class ScaledDirection:
+    """A site perturbation ``scale * direction``, added in one fused step.
+
+    ``scale``: a one-element tensor, typically a learned step size that
+    requires grad (APART's α_l). ``direction``: a tensor of the activation's
+    shape (batch N or 1), e.g. ``sign(g)``. Adding it reads the activation and
+    the direction once and writes once (``torch.addcmul``), instead of first
+    materialising ``scale * direction``; the gradient of ``scale`` is one dot
+    product of the activation gradient with the direction, accumulated in
+    float32. Values equal ``scale * direction`` added in the activation's
+    dtype.
+    """
+
+    scale: Tensor
+    direction: Tensor
+
+    def value(self) -> Tensor:
+        """``scale * direction`` as a plain tensor."""
+        return self.scale * self.direction
+
+
+SiteDelta = Union[Tensor, ScaledDirection]
+"""What :func:`perturb_sites` adds at a site: a tensor or a :class:`ScaledDirection`."""
+
+
+def _flat_view(t: Tensor) -> Optional[Tensor]:
+    """``t`` as a 1-D view in memory order (contiguous or channels-last), or None."""
+    if t.is_contiguous():
+        return t.view(-1)
+    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
+        return t.permute(0, 2, 3, 1).reshape(-1)
+    return None
+
+
+def _dot(a: Tensor, b: Tensor) -> Tensor:
+    """Sum of ``a * b`` (same shape), accumulated in float32 or wider, without
+    a product tensor when both share one dense fp32/fp64 layout."""
+    wide = torch.promote_types(a.dtype, torch.float32)
+    if a.dtype == b.dtype == wide and a.stride() == b.stride():
+        fa, fb = _flat_view(a), _flat_view(b)
+        if fa is not None and fb is not None:
+            return torch.dot(fa, fb)
+    return (a * b).sum(dtype=wide)
+
+
+class _AddScaled(torch.autograd.Function):
+    """``h + scale * direction`` in one kernel, with the gradients of all three."""
+
+    @staticmethod
+    def forward(ctx: Any, h: Tensor, direction: Tensor, scale: Tensor) -> Tensor:
+        ctx.save_for_backward(direction, scale)
+        return torch.addcmul(h, direction, scale.reshape(()).to(h.dtype))
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tuple[Optional[Tensor], ...]:
+        direction, scale = ctx.saved_tensors
+        grad_direction = grad_scale = None
+        if ctx.needs_input_grad[1]:
+            grad_direction = grad * scale.reshape(()).to(grad.dtype)
+            if direction.shape != grad.shape:  # broadcast over the batch
+                grad_direction = grad_direction.sum(0, keepdim=True)
+        if ctx.needs_input_grad[2]:
+            grad_scale = _dot(grad, direction.expand_as(grad)).to(scale.dtype).reshape(scale.shape)
+        return grad, grad_direction, grad_scale
+
+
+def _check_delta_shape(name: str, d: Tensor, h: Tensor) -> None:
+    same_shape = d.dim() == h.dim() and d.shape[1:] == h.shape[1:]
+    if not same_shape or (d.dim() > 0 and d.shape[0] not in (1, h.shape[0])):
+        raise ValueError(
+            f"perturbation for site {name!r} has shape {tuple(d.shape)}, "
+            f"but the activation there has shape {tuple(h.shape)} "
+            f"(the perturbation's batch size must be 1 or {h.shape[0]})"
+        )
 
 
 class Site:
@@ -27,22 +106,19 @@ class Site:
 
     def __init__(self, name: str = "") -> None:
         self.name = name
-        self.delta: Optional[Tensor] = None
+        self.delta: Optional[SiteDelta] = None
         self.capturing = False
         self.activation: Optional[Tensor] = None
 
     def __call__(self, h: Tensor) -> Tensor:
         if self.capturing:
             self.activation = h
-        if self.delta is not None:
-            d = self.delta
-            same_shape = d.dim() == h.dim() and d.shape[1:] == h.shape[1:]
-            if not same_shape or (d.dim() > 0 and d.shape[0] not in (1, h.shape[0])):
-                raise ValueError(
-                    f"perturbation for site {self.name!r} has shape {tuple(d.shape)}, "
-                    f"but the activation there has shape {tuple(h.shape)} "
-                    f"(the perturbation's batch size must be 1 or {h.shape[0]})"
-                )
+        d = self.delta
+        if isinstance(d, ScaledDirection):
+            _check_delta_shape(self.name, d.direction, h)
+            h = _AddScaled.apply(h, d.direction.to(h.dtype), d.scale)
+        elif d is not None:
+            _check_delta_shape(self.name, d, h)
             h = h + d.to(h.dtype)
         return h
 
@@ -159,23 +235,28 @@ def _select(model: nn.Module, names: Optional[Sequence[str]]) -> Dict[str, Site]
 
 
 @contextmanager
-def perturb_sites(model: nn.Module, deltas: Mapping[str, Tensor]) -> Iterator[None]:
+def perturb_sites(model: nn.Module, deltas: Mapping[str, SiteDelta]) -> Iterator[None]:
     """Add ``deltas[name]`` at each named site during forward passes inside the
     block.
 
-    Each perturbation has the activation's shape, with batch size N or 1 (one
-    perturbation broadcast over the batch); a wrong shape raises
-    ``ValueError`` at the forward pass. On exit, also by an exception, each
-    site returns to what it was before the block (the identity, or an
-    enclosing block's perturbation).
+    Each perturbation is a floating-point tensor or a :class:`ScaledDirection`
+    of the activation's shape, with batch size N or 1 (one perturbation
+    broadcast over the batch); a wrong shape raises ``ValueError`` at the
+    forward pass. On exit, also by an exception, each site returns to what it
+    was before the block (the identity, or an enclosing block's perturbation).
     """
     if not deltas:
         yield
         return
     for name, delta in deltas.items():
+        if isinstance(delta, ScaledDirection):
+            if not isinstance(delta.scale, Tensor) or delta.scale.numel() != 1:
+                raise TypeError(f"the scale of site {name!r}'s ScaledDirection must be a one-element tensor")
+            delta = delta.direction
         if not isinstance(delta, Tensor):
             raise TypeError(
-                f"the perturbation for site {name!r} must be a tensor, got {type(delta).__name__}"
+                f"the perturbation for site {name!r} must be a tensor or a ScaledDirection, "
+                f"got {type(delta).__name__}"
             )
         if not delta.is_floating_point():
             raise TypeError(

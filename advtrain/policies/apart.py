@@ -14,7 +14,7 @@ from ..attacks.base import model_mode
 from ..data.batch import Batch
 from ..distributed import average_gradients
 from ..models.input_only import InputOnlyGradients
-from ..models.sites import attach_sites, capture_sites, find_sites, perturb_sites
+from ..models.sites import ScaledDirection, attach_sites, capture_sites, find_sites, perturb_sites
 from .base import Perturbation, PerturbationPolicy, PolicyContext
 from .store import PerExampleStore, resolve_store_dtype
 
@@ -53,7 +53,8 @@ class APARTPolicy(PerturbationPolicy):
        gradients g_x of L₁ w.r.t. x₀ and g_l w.r.t. each site's activation, by
        ``autograd.grad`` (no weight gradients are computed).
     3. δ = clamp(δ₀ + α·sign(g_x), ±ε); x₁ = clamp(x + δ, 0, 1), differentiable in α, α_ω.
-    4. The Trainer's pass 2 adds α_l·sign(g_l) at each site; its backward gives
+    4. The Trainer's pass 2 adds α_l·sign(g_l) at each site (a
+       :class:`~advtrain.models.ScaledDirection`, one fused step); its backward gives
        the weight gradients and those of α, α_ω, α_l and x₁.
     5. :meth:`after_step`: ω ← clamp(ω + α/(α_ω + 1e-7)·sign(∇ₓ₁L₂), −1, 1),
        written back aligned; gradient *ascent* on the step sizes with SGD
@@ -170,7 +171,8 @@ class APARTPolicy(PerturbationPolicy):
         delta = torch.clamp(delta0 + self.alpha * grads[0].sign(), -self.eps, self.eps)
         x1 = torch.clamp(x + delta, 0.0, 1.0)
         x1.retain_grad()
-        sites = {name: self.alpha_sites[i] * g.sign() for i, (name, g) in enumerate(zip(self.site_names, grads[1:]))}
+        sites = {name: ScaledDirection(self.alpha_sites[i], g.sign())
+                 for i, (name, g) in enumerate(zip(self.site_names, grads[1:]))}
         return Perturbation(x=x1, sites=sites, extras={"omega": omega})
 
     def after_step(self, model: nn.Module, batch: Batch, perturbation: Perturbation) -> None:

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from ..data.batch import Batch
+from ..models.sites import SiteDelta
 
 
 @dataclass(frozen=True)
@@ -41,13 +42,14 @@ class Perturbation:
 
     ``x``: the (perturbed) input, pixels in [0, 1], shape of the batch. It may
     carry an autograd graph back to the policy's learnable parameters (APART).
-    ``sites``: additive perturbations for named perturbation sites, applied in
-    the training forward pass (empty for input-only policies).
+    ``sites``: additive perturbations for named perturbation sites (tensors or
+    :class:`~advtrain.models.ScaledDirection`), applied in the training
+    forward pass (empty for input-only policies).
     ``extras``: anything the policy wants handed back in :meth:`after_step`.
     """
 
     x: Tensor
-    sites: Dict[str, Tensor] = field(default_factory=dict)
+    sites: Dict[str, SiteDelta] = field(default_factory=dict)
     extras: Dict[str, Any] = field(default_factory=dict)
 
 
