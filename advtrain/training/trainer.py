@@ -74,9 +74,11 @@ class Trainer:
             or ``"bf16"``.
         channels_last: use channels-last memory format (default: on, on every
             device: convolutions run faster in it on CUDA and on the CPU alike).
-        compile: wrap the model in :func:`torch.compile` for training and attacks;
-            the loader built by ``fit`` then fills up the last batch of each
-            epoch (``pad_last``) so that shapes stay static.
+        compile: wrap the model in :func:`torch.compile` for training and attacks
+            (two graphs: the attacks' forward with the parameters detached, so
+            that its backward computes no weight gradients, and the training
+            forward); the loader built by ``fit`` then fills up the last batch
+            of each epoch (``pad_last``) so that shapes stay static.
         device: where to train (default: CUDA if available).
         eval_every: evaluate every this many epochs (and after the last); 0 never.
         eval_examples: how many evaluation images to use (``None``: all).
