@@ -699,6 +699,28 @@ def test_apart_attached_sites_by_module_name():
     assert "apart_alpha_sites" not in input_only.metrics()
 
 
+def test_apart_under_bf16_autocast_probes_in_the_activation_dtype():
+    model = make_model(17, bn=True)
+    policy = apart_setup(model, init_step=0.01, init_scale=0.02, site_init=0.05)
+    batch = make_batch(seed=18)
+    omega = policy.store.read(batch.index, batch.aug)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        pert = policy.perturb(model, batch)
+        _, _, _, signs = apart_reference(
+            model, batch.x, batch.y, omega, *policy.parameters(), EPS, policy.site_names
+        )
+    for name, sign in zip(policy.site_names, signs[1:]):
+        assert sign.dtype == torch.bfloat16  # the activations are bf16 here ...
+        direction = pert.sites[name].direction
+        assert direction.dtype == torch.bfloat16  # ... and so are the probes' gradients
+        assert torch.equal(direction, sign)  # the same signs as the activation gradients
+        assert pert.sites[name].scale.dtype == torch.float32
+    assert pert.x.dtype == torch.float32  # the input perturbation stays fp32
+    # without autocast everything is fp32 again (dtypes are learned per autocast state)
+    plain = policy.perturb(model, batch)
+    assert all(d.direction.dtype == torch.float32 for d in plain.sites.values())
+
+
 def test_apart_accepts_a_compiled_model():
     """The Trainer hands policies ``torch.compile(model)`` when ``compile=True``;
     its submodule names carry an ``_orig_mod.`` prefix, the sites are the same."""

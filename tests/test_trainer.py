@@ -356,8 +356,11 @@ def test_compiled_training_does_not_recompile_across_steps_epochs_or_the_last_ba
     assert isinstance(trainer.forward_model._orig_mod, InputOnlyGradients)
 
 
-def _site_value(delta):
-    return delta.value() if isinstance(delta, ScaledDirection) else delta
+def _site_dtypes(delta):
+    """(scale dtype, direction dtype) of a ScaledDirection, (dtype, dtype) of a tensor."""
+    if isinstance(delta, ScaledDirection):
+        return delta.scale.dtype, delta.direction.dtype
+    return delta.dtype, delta.dtype
 
 
 class _PerturbationSpy(Callback):
@@ -374,7 +377,7 @@ class _PerturbationSpy(Callback):
         def spy(model, batch):
             pert = perturb(model, batch)
             self.seen.append((pert.x.dtype, (pert.x - batch.x).abs().max().item(),
-                              [_site_value(d).dtype for d in pert.sites.values()], torch.is_autocast_enabled("cpu")))
+                              [_site_dtypes(d) for d in pert.sites.values()], torch.is_autocast_enabled("cpu")))
             return pert
 
         policy.perturb = spy
@@ -384,7 +387,8 @@ class _PerturbationSpy(Callback):
 def test_every_method_trains_under_bf16_autocast_with_fp32_perturbations(method):
     # precision="bf16" is the CUDA default; on the CPU it runs the same code
     # path with CPU autocast: the model computes in bf16, the perturbations
-    # and their projection stay fp32.
+    # and their projection stay fp32; layer perturbations are added in the
+    # activation's dtype.
     from advtrain import APARTTrainer, ATTATrainer, FGSMTrainer, NFGSMTrainer
 
     eps = 8 / 255
@@ -411,7 +415,8 @@ def test_every_method_trains_under_bf16_autocast_with_fp32_perturbations(method)
         assert autocast_on and x_dtype == torch.float32
         # N-FGSM does not project back to the ε-ball (its noise reaches 2ε)
         assert dist <= (3 if method == "N-FGSM" else 1) * eps + 1e-6
-        assert all(d == torch.float32 for d in site_dtypes)
+        # APART's learned α_l stay fp32; sign(g_l) comes in the activation's dtype
+        assert all(scale == torch.float32 and direction == torch.bfloat16 for scale, direction in site_dtypes)
     assert all(math.isfinite(r["train_loss"]) for r in history.records)
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
     if method == "APART":
