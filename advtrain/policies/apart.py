@@ -140,8 +140,13 @@ class APARTPolicy(PerturbationPolicy):
                 if missing:
                     attach_sites(model, missing)
                 self.site_names = list(self.site_names_requested)
-        self.site_shapes = self._site_shapes(model, context)
-        self._site_dtypes: Dict[Optional[torch.dtype], List[torch.dtype]] = {}
+        # One probe pass gives the per-example activation shapes at the sites,
+        # and their dtypes under the autocast state of setup.
+        probe = torch.zeros((1,) + tuple(context.image_shape), device=device)
+        acts = self._probe_sites(model, probe) if self.site_names else {}
+        self.site_shapes = [acts[name].shape[1:] for name in self.site_names]
+        self._site_dtypes: Dict[Optional[torch.dtype], List[torch.dtype]] = {
+            _autocast_dtype(device.type): [acts[name].dtype for name in self.site_names]}
         self.alpha = torch.tensor(self.init_step, device=device, requires_grad=True)
         self.alpha_init = torch.tensor(self.init_scale, device=device, requires_grad=True)
         self.alpha_sites = torch.full((len(self.site_names),), self.site_init, device=device, requires_grad=True)
@@ -151,30 +156,23 @@ class APARTPolicy(PerturbationPolicy):
         self.store.data.copy_(0.001 * torch.randn(self.store.data.shape, device=device))
         self.step = 0
 
-    def _site_shapes(self, model: nn.Module, context: PolicyContext) -> List[torch.Size]:
-        """Per-example activation shapes at the sites, from one probe forward
-        pass in eval mode (no statistics updated)."""
-        if not self.site_names:
-            return []
-        probe = torch.zeros((1,) + tuple(context.image_shape), device=context.device)
-        with model_mode(model, "eval"), torch.no_grad(), capture_sites(model, self.site_names) as acts:
-            model(probe)
-        return [acts[name].shape[1:] for name in self.site_names]
+    def _probe_sites(self, model: nn.Module, x: Tensor) -> Dict[str, Tensor]:
+        """The site activations of one forward pass of ``x`` (one example) in
+        eval mode without gradients (no statistics updated), under the
+        autocast state in effect."""
+        plain = _plain_module(model)
+        with model_mode(plain, "eval"), torch.no_grad(), capture_sites(plain, self.site_names) as acts:
+            plain(x)
+        return acts
 
     def _activation_dtypes(self, model: nn.Module, x: Tensor) -> List[torch.dtype]:
         """The dtype of each site's activation under the autocast state in
         effect (float32 without autocast, typically bf16 under bf16 autocast),
-        learned once per autocast dtype from a one-example forward pass in
-        eval mode without gradients."""
+        learned once per autocast dtype."""
         key = _autocast_dtype(x.device.type)
         if key not in self._site_dtypes:
-            if key is None:
-                self._site_dtypes[key] = [x.dtype] * len(self.site_names)
-            else:
-                plain = _plain_module(model)
-                with model_mode(plain, "eval"), torch.no_grad(), capture_sites(plain, self.site_names) as acts:
-                    plain(x[:1])
-                self._site_dtypes[key] = [acts[name].dtype for name in self.site_names]
+            acts = self._probe_sites(model, x[:1])
+            self._site_dtypes[key] = [acts[name].dtype for name in self.site_names]
         return self._site_dtypes[key]
 
     def parameters(self) -> List[Tensor]:
