@@ -416,10 +416,6 @@ def _run_labels(paths: Sequence[Path]) -> List[str]:
 
 
 def run_plot(args: argparse.Namespace) -> int:
-    if importlib.util.find_spec("matplotlib") is None:
-        raise CLIError('plotting needs matplotlib: pip install "advtrain[plot]"')
-    from .diagnostics.plots import plot_accuracy_curves
-
     files = []
     for run in args.runs:
         path = Path(run)
@@ -430,6 +426,12 @@ def run_plot(args: argparse.Namespace) -> int:
     labels = _run_labels(files)
     if len(set(labels)) != len(labels):
         raise CLIError("the same run is given twice")
+    # The arguments are checked first, so a wrong path is reported as such
+    # whether or not matplotlib is installed.
+    if importlib.util.find_spec("matplotlib") is None:
+        raise CLIError('plotting needs matplotlib: pip install "advtrain[plot]"')
+    from .diagnostics.plots import plot_accuracy_curves
+
     out = plot_accuracy_curves(dict(zip(labels, files)), args.out, title=args.title, robust_key=args.robust_key)
     print(f"wrote {out}")
     return 0
