@@ -8,6 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
+# One torch thread per test process: on a 2-core machine extra intra-op
+# threads only contend with each other (tests that measure threading set
+# their own count). Subprocesses the tests start inherit the same setting.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="session")
 def cifar10_dir() -> Path:

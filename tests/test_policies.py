@@ -35,19 +35,6 @@ PAD = 2
 # ----------------------------------------------------------------------------- helpers
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: the small models here gain little from a second
-    one, and on a busy 2-core machine the thread pool's synchronisation makes
-    them several times slower. Restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 class TinyNet(nn.Module):
     """conv → (BN) → ReLU → site1 → strided conv → ReLU → site2 → linear, for 8×8 inputs.
 
