@@ -7,6 +7,7 @@ once; hot paths call them only at their entry point.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Union
 
 import torch
@@ -15,6 +16,9 @@ from torch import Tensor
 Radius = Union[float, Tensor]
 """An attack radius in pixel units: a Python number or a tensor broadcastable
 to the batch (one value per example)."""
+
+RADIUS_NORMS = ("linf", "l2")
+"""The norms whose perturbation radii :func:`check_eps` knows how to bound."""
 
 
 def check_images(x: object, name: str = "x") -> Tensor:
@@ -67,6 +71,68 @@ def check_radius(eps: object, name: str = "eps") -> Radius:
     if not (eps >= 0.0) or eps == float("inf"):
         raise ValueError(f"{name} must be finite and >= 0 (pixel units), got {eps}")
     return float(eps)
+
+
+def check_eps(eps: object, norm: str = "linf", name: str = "eps") -> Radius:
+    """Check a perturbation radius ε in pixel units (images are pixels in [0, 1]).
+
+    ε must be finite and >= 0. An L∞ radius must also be <= 1: no pixel can
+    move further, so a larger value is a radius in 0..255 units (``8`` meant
+    as 8/255). An L2 radius may exceed 1; its bound, √(C·H·W), depends on the
+    input size and is checked by :func:`check_l2_radius` where the input is
+    first seen. A tensor ``eps`` (one radius per example) is read once here
+    (one host synchronisation), so check it outside step loops.
+    """
+    norm = check_choice(norm, "norm", RADIUS_NORMS)
+    if isinstance(eps, Tensor):
+        if not eps.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got dtype {eps.dtype}")
+        if eps.numel() == 0:
+            return eps
+        lo, hi = torch.stack(torch.aminmax(eps.detach().float())).tolist()
+        # NaN fails both comparisons, so it is refused here too.
+        if not (lo >= 0.0 and hi < math.inf):
+            raise ValueError(f"{name} must be finite and >= 0 (pixel units), got values in [{lo:g}, {hi:g}]")
+        if norm == "linf" and hi > 1.0:
+            raise ValueError(f"{name} is an L∞ radius in pixel units (images are pixels in [0, 1]), so it must be "
+                             f"<= 1; got values up to {hi:g} (did you mean {name} / 255?)")
+        return eps
+    value = float(check_radius(eps, name))
+    if norm == "linf" and value > 1.0:
+        raise ValueError(f"{name} is an L∞ radius in pixel units (images are pixels in [0, 1]), so it must be "
+                         f"<= 1; got {value:g} (did you mean {value:g}/255?)")
+    return value
+
+
+def largest_radius(eps: Radius) -> float:
+    """The largest value of a checked radius, as a Python number (one host
+    synchronisation for a tensor; 0 for an empty one)."""
+    if isinstance(eps, Tensor):
+        return float(eps.detach().max()) if eps.numel() > 0 else 0.0
+    return float(eps)
+
+
+def check_l2_radius(largest: float, x: Tensor, name: str = "eps") -> None:
+    """Check that an L2 radius of at most ``largest`` (pixel units) fits images
+    shaped like ``x`` (N, C, H, W): at most √(C·H·W), the radius of a ball
+    around any image in [0, 1]^(C·H·W) that already holds every image of the
+    box. A Python comparison: no tensor is read."""
+    bound = math.sqrt(math.prod(x.shape[1:]))
+    if largest > bound:
+        raise ValueError(
+            f"{name} is an L2 radius in pixel units (images are pixels in [0, 1]); for images of shape "
+            f"{tuple(x.shape[1:])} it must be <= √(C·H·W) = {bound:.4g}, where the ball already holds every "
+            f"image, but got {largest:g} (was it given in 0..255 units? divide it by 255)")
+
+
+def looks_like_probabilities(outputs: Tensor, tolerance: float = 1e-3) -> Tensor:
+    """Whether (N, classes) model outputs are probabilities rather than logits:
+    every row is non-negative and sums to 1 within ``tolerance``. Returns a
+    0-dim bool tensor on ``outputs``' device, so the caller decides when to
+    read it."""
+    outputs = outputs.detach().float()
+    rows_ok = (outputs >= 0).all(dim=1) & ((outputs.sum(dim=1) - 1).abs() < tolerance)
+    return rows_ok.all()
 
 
 def check_positive_int(value: object, name: str, minimum: int = 1) -> int:

@@ -12,8 +12,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from _helpers import NoHostSync
-from advtrain.attacks import (FGSM, FGSMRS, NFGSM, PGD, Attack, cross_entropy, dlr_loss, get_loss,
+from advtrain.attacks import (APGD, FGSM, FGSMRS, NFGSM, PGD, Attack, cross_entropy, dlr_loss, get_loss,
                               margin_loss, model_mode, targeted_dlr_loss)
+from advtrain.evaluation import attack_suite, check_gradient_masking, evaluate
+from advtrain.policies import APARTPolicy, ATTAPolicy
 
 SEEDS = [0, 1, 2]
 EPS = 0.05
@@ -618,3 +620,60 @@ def test_label_at_or_above_class_count_is_rejected():
     x = torch.rand(3, 3, 4, 4)
     with pytest.raises(ValueError, match=r"y holds labels in \[0, 5\].*\[0, 4\]"):
         PGD(EPS, steps=1)(model, x, torch.tensor([0, 1, 5]))
+
+
+# ---------------------------------------------------------------- radius units
+
+@pytest.mark.parametrize("make", [
+    pytest.param(lambda eps: PGD(eps), id="pgd"),
+    pytest.param(lambda eps: FGSM(eps), id="fgsm"),
+    pytest.param(lambda eps: FGSMRS(eps), id="fgsm_rs"),
+    pytest.param(lambda eps: NFGSM(eps), id="nfgsm"),
+    pytest.param(lambda eps: APGD(eps), id="apgd"),
+    pytest.param(lambda eps: ATTAPolicy(eps), id="atta_policy"),
+    pytest.param(lambda eps: APARTPolicy(eps), id="apart_policy"),
+    pytest.param(lambda eps: attack_suite("full", eps), id="attack_suite"),
+    pytest.param(lambda eps: evaluate(conv_model(0), conv_batch(0, n=2), eps=eps, progress=False), id="evaluate"),
+    pytest.param(lambda eps: check_gradient_masking(conv_model(0), *conv_batch(0, n=2), eps=eps),
+                 id="gradient_masking"),
+])
+def test_linf_eps_in_0_255_units_is_refused_with_a_hint(make):
+    with pytest.raises(ValueError, match=r"eps is an L∞ radius in pixel units .* must be <= 1; got 8 "
+                                         r"\(did you mean 8/255\?\)"):
+        make(8)
+
+
+@pytest.mark.parametrize("make", [PGD, FGSM, FGSMRS, NFGSM, APGD, ATTAPolicy, APARTPolicy])
+def test_linf_eps_of_a_whole_pixel_range_is_accepted(make):
+    assert float(make(1.0).eps) == 1.0
+
+
+@pytest.mark.parametrize("make", [lambda eps: PGD(eps), lambda eps: APGD(eps)], ids=["pgd", "apgd"])
+def test_per_example_linf_eps_above_one_is_refused(make):
+    with pytest.raises(ValueError, match=r"L∞ radius .* got values up to 8 \(did you mean eps / 255\?\)"):
+        make(torch.tensor([8 / 255, 8.0]))
+    with pytest.raises(ValueError, match="eps must be finite and >= 0"):
+        make(torch.tensor([8 / 255, float("nan")]))
+
+
+@pytest.mark.parametrize("cls", [PGD, APGD])
+def test_l2_eps_may_exceed_one_but_not_the_diameter_of_the_pixel_box(cls):
+    model = conv_model(0)
+    x, y = conv_batch(0, n=2)  # 3x8x8: the box's diameter is sqrt(192) = 13.86
+    x_adv = cls(2.0, norm="l2", steps=2)(model, x, y)
+    assert (l2(x_adv, x) <= 2.0 + 1e-4).all()
+    cls(192 ** 0.5, norm="l2", steps=1)(model, x, y)
+    attack = cls(14.0, norm="l2", steps=1)  # the bound depends on the image size, known at the call
+    with pytest.raises(ValueError, match=r"eps is an L2 radius .* shape \(3, 8, 8\) it must be <= "
+                                         r"√\(C·H·W\) = 13.86, .* got 14"):
+        attack(model, x, y)
+    with pytest.raises(ValueError, match="L2 radius"):
+        cls(torch.tensor([1.0, 14.0]), norm="l2", steps=1).run(model, x, y, check=False)
+
+
+def test_l2_radius_bound_is_checked_without_a_host_sync():
+    model = conv_model(0)
+    x, y = conv_batch(0, n=2)
+    attack = PGD(torch.tensor([1.0, 13.0]), norm="l2", steps=1)
+    with NoHostSync():
+        attack.run(model, x, y, check=False)

@@ -96,7 +96,8 @@ class APGD(Attack):
     forward pass to rank the classes) per restart.
 
     Args:
-        eps: threat-model radius in pixel units (float or one value per example).
+        eps: threat-model radius in pixel units (float or one value per
+            example): at most 1 in L∞, at most √(C·H·W) in L2 (see :class:`Attack`).
         steps: iterations per run (100 in AutoAttack).
         loss: ``"ce"`` or ``"dlr"`` (DLR needs at least 3 classes, targeted
             DLR at least 4).
@@ -125,7 +126,7 @@ class APGD(Attack):
         bn_mode: BNMode = "eval",
         check_inputs: bool = True,
     ) -> None:
-        super().__init__(eps, bn_mode=bn_mode, check_inputs=check_inputs)
+        super().__init__(eps, norm=norm, bn_mode=bn_mode, check_inputs=check_inputs)
         self.steps = check_positive_int(steps, "steps")
         self.loss = check_choice(loss, "loss", APGD_LOSSES)
         self.targeted = _check_bool(targeted, "targeted")

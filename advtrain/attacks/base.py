@@ -8,7 +8,8 @@ from typing import Iterator, Literal
 import torch
 from torch import Tensor, nn
 
-from .._validation import Radius, check_choice, check_images, check_labels, check_radius
+from .._validation import (RADIUS_NORMS, Radius, check_choice, check_eps, check_images, check_l2_radius,
+                           check_labels, largest_radius)
 
 BNMode = Literal["eval", "train", "keep"]
 BN_MODES = ("eval", "train", "keep")
@@ -55,13 +56,23 @@ class Attack(abc.ABC):
 
     Args:
         eps: radius of the threat model in pixel units (8/255 for CIFAR-10 L∞).
+            An L∞ radius must be <= 1 (``8`` is refused: write 8/255); an L2
+            radius may exceed 1 but not √(C·H·W), which is checked when the
+            first batch is seen (a Python comparison, no host synchronisation).
+        norm: the threat model's norm, ``"linf"`` or ``"l2"``; it sets the
+            bound ``eps`` is checked against.
         bn_mode: ``"eval"``, ``"train"`` or ``"keep"`` (see :func:`model_mode`).
         check_inputs: validate pixel range and labels on every call (one host
             synchronisation per call, never inside the step loop).
     """
 
-    def __init__(self, eps: Radius, *, bn_mode: BNMode = "eval", check_inputs: bool = True) -> None:
-        self.eps = check_radius(eps, "eps")
+    def __init__(self, eps: Radius, *, norm: str = "linf", bn_mode: BNMode = "eval",
+                 check_inputs: bool = True) -> None:
+        norm = check_choice(norm, "norm", RADIUS_NORMS)
+        self.eps = check_eps(eps, norm, "eps")
+        # The L2 bound depends on the image size, known only with the input;
+        # its largest radius is read here so each call compares Python numbers.
+        self._largest_l2_eps = largest_radius(self.eps) if norm == "l2" else None
         self.bn_mode: BNMode = check_choice(bn_mode, "bn_mode", BN_MODES)  # type: ignore[assignment]
         self.check_inputs = bool(check_inputs)
 
@@ -79,6 +90,8 @@ class Attack(abc.ABC):
             check_labels(y, x.shape[0], num_classes=_num_classes(model, x), name="y")
         elif x.dim() != 4:
             raise ValueError(f"x must have shape (N, C, H, W), got {tuple(x.shape)}")
+        if self._largest_l2_eps is not None:
+            check_l2_radius(self._largest_l2_eps, x, "eps")
         x = x.detach()
         with model_mode(model, self.bn_mode), torch.enable_grad():
             x_adv = self.perturb(model, x, y)

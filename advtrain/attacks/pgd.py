@@ -14,7 +14,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from .._validation import Radius, check_choice, check_positive_int, check_radius, per_example
+from .._validation import Radius, check_choice, check_eps, check_positive_int, check_radius, per_example
 from .base import Attack, BNMode, clip_to_ball_and_box, input_gradient
 from .losses import LossSpec, get_loss
 
@@ -66,7 +66,8 @@ class PGD(Attack):
     ``bn_mode="train"`` also updates BatchNorm running statistics.
 
     Args:
-        eps: threat-model radius in pixel units (float or one value per example).
+        eps: threat-model radius in pixel units (float or one value per
+            example): at most 1 in L∞, at most √(C·H·W) in L2 (see :class:`Attack`).
         steps: number of gradient steps (>= 1).
         step_size: step in pixel units; ``None`` means ``2.5 * eps / steps``
             (Madry et al.'s rule; pass ``eps / 4`` for the 2/255 of PGD-10 at 8/255).
@@ -99,7 +100,7 @@ class PGD(Attack):
         bn_mode: BNMode = "eval",
         check_inputs: bool = True,
     ) -> None:
-        super().__init__(eps, bn_mode=bn_mode, check_inputs=check_inputs)
+        super().__init__(eps, norm=norm, bn_mode=bn_mode, check_inputs=check_inputs)
         self.steps = check_positive_int(steps, "steps")
         self.step_size = None if step_size is None else check_radius(step_size, "step_size")
         self.norm = check_choice(norm, "norm", NORMS)
@@ -201,7 +202,7 @@ class FGSM(PGD):
         bn_mode: BNMode = "eval",
         check_inputs: bool = True,
     ) -> None:
-        eps = check_radius(eps, "eps")
+        eps = check_eps(eps, "linf", "eps")
         super().__init__(eps, steps=1, step_size=eps, random_start=False, loss=loss,
                          targeted=targeted, bn_mode=bn_mode, check_inputs=check_inputs)
 
@@ -224,7 +225,7 @@ class FGSMRS(PGD):
         bn_mode: BNMode = "eval",
         check_inputs: bool = True,
     ) -> None:
-        eps = check_radius(eps, "eps")
+        eps = check_eps(eps, "linf", "eps")
         step = 1.25 * eps if step_size is None else step_size
         super().__init__(eps, steps=1, step_size=step, random_start=True, loss=loss,
                          targeted=targeted, bn_mode=bn_mode, check_inputs=check_inputs)
@@ -254,7 +255,7 @@ class NFGSM(PGD):
         bn_mode: BNMode = "eval",
         check_inputs: bool = True,
     ) -> None:
-        eps = check_radius(eps, "eps")
+        eps = check_eps(eps, "linf", "eps")
         step = eps if step_size is None else step_size
         radius = 2 * eps if noise is None else check_radius(noise, "noise")
         super().__init__(eps, steps=1, step_size=step, random_start=True, init_radius=radius,

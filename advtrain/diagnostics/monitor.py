@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from .. import distributed as dist_utils
-from .._validation import check_positive_int, check_radius
+from .._validation import check_eps, check_positive_int, check_radius
 from ..attacks.pgd import PGD
 from ..evaluation.accuracy import correct_predictions
 from ..evaluation.evaluator import _as_image_label_tensors
@@ -194,7 +194,7 @@ class RobustnessDropMonitor(Callback):
             images, labels = images[:n_examples], labels[:n_examples]
         self.images: Tensor = images
         self.labels: Tensor = labels
-        self.eps = float(check_radius(eps, "eps"))
+        self.eps = float(check_eps(eps, "linf", "eps"))
         self.steps = check_positive_int(steps, "steps")
         self.step_size = self.eps / 4 if step_size is None else float(check_radius(step_size, "step_size"))
         self.attack = PGD(self.eps, steps=self.steps, step_size=self.step_size, random_start=True, bn_mode="eval")

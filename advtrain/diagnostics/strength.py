@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .._validation import check_choice, check_positive_int, check_radius
+from .._validation import check_choice, check_eps, check_positive_int
 from ..attacks.base import Attack, model_mode
 from ..data.batch import Batch
 from ..evaluation.evaluator import _as_image_label_tensors
@@ -249,7 +249,7 @@ class PerturbationStrengthStudy:
             raise TypeError(f"reference_model must be a torch.nn.Module, got {type(reference_model).__name__}")
         self.model = reference_model
         self.images, self.labels = _as_image_label_tensors((images, labels))
-        self.eps = float(check_radius(eps, "eps"))
+        self.eps = float(check_eps(eps, "linf", "eps"))
         self.noise = check_choice(noise, "noise", NOISES)
         self.batch_size = check_positive_int(batch_size, "batch_size")
         self.device = torch.device(device) if device is not None else _model_device(reference_model)

@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from .._validation import check_images, check_positive_int, check_radius
+from .._validation import check_eps, check_images, check_positive_int
 from ..attacks.apgd import APGD
 from ..attacks.base import Attack, model_mode
 from ..attacks.pgd import PGD
@@ -29,8 +29,8 @@ attacks (named by class, numbered when repeated) or a dict name -> attack."""
 
 
 def attack_suite(name: str, eps: float = 8 / 255) -> Dict[str, Attack]:
-    """The named attacks of a protocol suite at radius ``eps`` (pixel units),
-    all L∞ with BatchNorm in eval mode:
+    """The named attacks of a protocol suite at radius ``eps`` (pixel units,
+    at most 1), all L∞ with BatchNorm in eval mode:
 
     * ``"pgd20"``: ``PGD-20`` — 20 steps of ε/4 (2/255 at 8/255), random start,
       cross-entropy;
@@ -43,7 +43,7 @@ def attack_suite(name: str, eps: float = 8 / 255) -> Dict[str, Attack]:
     if name not in SUITES:
         raise ValueError(f"attacks must be one of {', '.join(map(repr, SUITES))}, a list or a dict of "
                          f"Attack objects; got {name!r}")
-    eps = float(check_radius(eps, "eps"))
+    eps = float(check_eps(eps, "linf", "eps"))
     suites: Dict[str, Dict[str, Attack]] = {
         "pgd20": {"PGD-20": PGD(eps, steps=20, step_size=eps / 4, random_start=True, bn_mode="eval")},
         "cw": {"CW-20": PGD(eps, steps=20, step_size=eps / 4, random_start=True, loss="margin", bn_mode="eval")},
@@ -173,7 +173,7 @@ def evaluate(
             in [0, 1], NCHW — or anything :func:`advtrain.data.as_tensors` accepts.
         attacks: a suite name (see :func:`attack_suite`), a list of attacks or a
             dict name -> attack; run in the given order.
-        eps: L∞ radius of the suites, pixel units.
+        eps: L∞ radius of the suites, pixel units, at most 1 (8/255, not 8).
         batch_size: examples per batch.
         n_examples: evaluate the first ``n_examples`` only (``None``: all).
         device: where to run (default: the model's device).
@@ -193,7 +193,7 @@ def evaluate(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    eps = float(check_radius(eps, "eps"))
+    eps = float(check_eps(eps, "linf", "eps"))
     named = _named_attacks(attacks, eps)
     batch_size = check_positive_int(batch_size, "batch_size")
     images, labels = _as_image_label_tensors(data)

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._validation import check_positive_int, check_radius
+from .._validation import check_eps, check_positive_int, looks_like_probabilities
 from ..attacks.base import model_mode
 from ..attacks.pgd import PGD
 from .evaluator import _as_image_label_tensors
@@ -129,7 +129,7 @@ def check_gradient_masking(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    eps = float(check_radius(eps, "eps"))
+    eps = float(check_eps(eps, "linf", "eps"))
     if len(steps) != 2:
         raise ValueError(f"steps must be a pair (weaker, stronger), got {steps!r}")
     weak_steps, strong_steps = (check_positive_int(s, "steps") for s in steps)
@@ -165,8 +165,7 @@ def check_gradient_masking(
         outputs = torch.cat([_no_grad_forward(model, x) for x, _ in data]).float()
         if outputs.dim() != 2:
             raise ValueError(f"model must return (N, classes) outputs, got shape {tuple(outputs.shape)}")
-        row_sums = outputs.sum(dim=1)
-        if bool(((outputs >= 0).all(dim=1) & ((row_sums - 1).abs() < 1e-3)).all()):
+        if bool(looks_like_probabilities(outputs)):
             findings.append(MaskingWarning(
                 "probability_outputs",
                 "the model's outputs look like probabilities, not logits: every row is non-negative and sums "

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._validation import check_radius
+from .._validation import check_eps, check_radius
 from ..attacks.base import model_mode
 from ..data.batch import Batch
 from ..distributed import average_gradients
@@ -73,8 +73,8 @@ class APARTPolicy(PerturbationPolicy):
        0.9, weight decay ``weight_decay`` pulling them toward zero).
 
     Args:
-        eps: L∞ radius of the input perturbation, pixel units (0.031 in the
-            reference training runs).
+        eps: L∞ radius of the input perturbation, pixel units, at most 1
+            (0.031 in the reference training runs).
         layerwise: perturb intermediate layers; ``False`` gives input-only APART.
         sites: site names to perturb. Default: every site the model declares.
             Names of plain submodules get a site attached to their output.
@@ -104,7 +104,7 @@ class APARTPolicy(PerturbationPolicy):
         momentum: float = 0.9,
         store_dtype: Union[str, torch.dtype] = "float32",
     ) -> None:
-        self.eps = float(check_radius(eps, "eps"))
+        self.eps = float(check_eps(eps, "linf", "eps"))
         self.layerwise = bool(layerwise)
         if sites is not None and not self.layerwise:
             raise ValueError("sites were named but layerwise=False turns layer perturbation off")

@@ -7,7 +7,7 @@ from typing import Any, Dict, Mapping, Optional, Union
 import torch
 from torch import nn
 
-from .._validation import check_positive_int, check_radius
+from .._validation import check_eps, check_positive_int
 from ..attacks.base import model_mode
 from ..attacks.pgd import PGD
 from ..data.batch import Batch
@@ -31,7 +31,7 @@ class ATTAPolicy(PerturbationPolicy):
     store is zeroed every ``reset_every`` epochs (and at the start).
 
     Args:
-        eps: L∞ radius, pixel units.
+        eps: L∞ radius, pixel units (at most 1: 8/255, not 8).
         steps: PGD steps per batch (k).
         step_size: per-step size; default from :data:`ATTA_STEP_SIZES`
             (0.015 / 0.01 / 0.007 for k = 1 / 3 / 10 at ε = 8/255, scaled in
@@ -46,7 +46,7 @@ class ATTAPolicy(PerturbationPolicy):
     def __init__(self, eps: float = 8 / 255, *, steps: int = 1, step_size: Optional[float] = None,
                  reset_every: int = 10, bn_mode: str = "eval",
                  store_dtype: Union[str, torch.dtype] = "float32") -> None:
-        eps = float(check_radius(eps, "eps"))
+        eps = float(check_eps(eps, "linf", "eps"))
         steps = check_positive_int(steps, "steps")
         if step_size is None:
             step_size = (ATTA_STEP_SIZES[steps] * eps / (8 / 255) if steps in ATTA_STEP_SIZES

@@ -1,8 +1,8 @@
 """Method presets: a Trainer with a method's policy and its paper's defaults.
 
-Every preset takes the model, ``eps`` (pixel units, default 8/255) and the
-method's own knobs; any other keyword goes to :class:`Trainer` and overrides
-the defaults listed in each docstring.
+Every preset takes the model, ``eps`` (an L∞ radius in pixel units, at most
+1; default 8/255) and the method's own knobs; any other keyword goes to
+:class:`Trainer` and overrides the defaults listed in each docstring.
 """
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from .._validation import check_eps
 from ..attacks.pgd import FGSM, FGSMRS, NFGSM, PGD
 from ..policies.apart import APARTPolicy
 from ..policies.atta import ATTAPolicy
@@ -58,6 +59,7 @@ class PGDTrainer(Trainer):
 
     def __init__(self, model: nn.Module, *, eps: float = EPS, steps: int = 10, step_size: Optional[float] = None,
                  **kwargs: Any) -> None:
+        eps = check_eps(eps, "linf", "eps")
         step = eps / 4 if step_size is None else step_size
         super().__init__(model, AttackPolicy(PGD(eps, steps=steps, step_size=step, random_start=True,
                                                  bn_mode="train")),
