@@ -16,6 +16,7 @@ from advtrain.data import DeviceLoader, cifar10
 from advtrain.models import ScaledDirection, SmallCNN
 from advtrain.models.input_only import InputOnlyGradients
 from advtrain.training import Callback, CheckpointError, History, load_checkpoint, triangular
+from advtrain.training.output_check import check_model_outputs
 from advtrain.training.schedules import cyclic_momentum, make_schedule, multistep
 
 
@@ -257,6 +258,73 @@ def test_non_finite_loss_stops_with_a_clear_error():
     trainer = make_trainer(None, epochs=1, lr=1e30, eval_every=0)
     with pytest.raises(FloatingPointError, match="non-finite"):
         trainer.fit(synthetic(96))
+
+
+@pytest.mark.parametrize("preset", ["FGSMTrainer", "FastATTrainer", "NFGSMTrainer", "PGDTrainer", "ATTATrainer",
+                                    "APARTTrainer"])
+def test_presets_refuse_an_eps_in_0_255_units(preset):
+    import advtrain
+
+    with pytest.raises(ValueError, match=r"eps is an L∞ radius in pixel units .* <= 1; got 8 \(did you mean 8/255"):
+        getattr(advtrain, preset)(small_model(), eps=8, device="cpu")
+
+
+def _tiny_trainer(model: nn.Module) -> Trainer:
+    return Trainer(model, epochs=1, batch_size=8, eval_every=0, eval_attack=None, progress=False, device="cpu")
+
+
+def _tiny_data(n: int = 16, max_label: int = 2):
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(n) % (max_label + 1)
+    return torch.randint(0, 256, (n, 3, 8, 8), generator=g, dtype=torch.uint8), labels
+
+
+def test_labels_beyond_the_models_outputs_are_refused_before_any_step():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 5))
+    before = params(model)
+    with pytest.raises(ValueError, match=r"labels go up to 7, but the model returns 5 logits .*num_classes=8"):
+        _tiny_trainer(model).fit(_tiny_data(max_label=7))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+class _NoisyNet(nn.Module):
+    """BatchNorm, dropout and a forward that draws random numbers even in eval mode."""
+
+    def __init__(self, softmax: bool = False) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Dropout(0.5), nn.Flatten(),
+                                  nn.Linear(4 * 6 * 6, 3))
+        self.softmax = softmax
+
+    def forward(self, x):
+        out = self.body(x + 1e-3 * torch.rand_like(x))
+        return out.softmax(dim=1) if self.softmax else out
+
+
+def test_output_check_leaves_parameters_buffers_flags_and_rng_as_they_were():
+    torch.manual_seed(0)
+    model = _NoisyNet().train()
+    model.body[1].eval()  # a mix of flags, each restored as it was
+    before, flags, rng = params(model), [m.training for m in model.modules()], torch.get_rng_state()
+    check_model_outputs(model, _tiny_data()[0], max_label=2)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert [m.training for m in model.modules()] == flags
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_probability_outputs_warn_once_when_training_starts(recwarn):
+    torch.manual_seed(0)
+    _tiny_trainer(_NoisyNet(softmax=True)).fit(_tiny_data(n=32))
+    found = [w for w in recwarn if "probabilities, not logits" in str(w.message)]
+    assert len(found) == 1
+    assert "assume logits" in str(found[0].message) and found[0].category is UserWarning
+    assert found[0].filename == __file__  # attributed to the caller of fit
+
+    recwarn.clear()
+    _tiny_trainer(_NoisyNet()).fit(_tiny_data(n=32))
+    assert not [w for w in recwarn if "probabilities" in str(w.message)]
 
 
 # ----------------------------------------------------------------- real data

@@ -18,6 +18,7 @@ from .._validation import check_choice, check_positive_int
 from .. import distributed as dist_utils
 from ..attacks.base import Attack
 from ..attacks.pgd import PGD
+from ..data.augment import check_fill
 from ..data.batch import Batch
 from ..data.loader import DeviceLoader, as_tensors
 from ..evaluation.accuracy import correct_predictions
@@ -28,6 +29,7 @@ from ..policies.base import PerturbationPolicy, PolicyContext
 from .callbacks import Callback
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .history import History
+from .output_check import check_model_outputs
 from .progress import ProgressBar
 from .schedules import ScheduleLike, make_schedule
 
@@ -63,6 +65,9 @@ class Trainer:
         epochs: number of epochs.
         batch_size: training batch size (when ``fit`` gets a dataset rather
             than a :class:`DeviceLoader`).
+        pad_fill: border value of the pad-and-crop augmentation of the loader
+            ``fit`` builds, a pixel value in [0, 1] (0 black, 0.5 grey); a
+            :class:`DeviceLoader` given to ``fit`` keeps its own.
         lr: peak learning rate of ``schedule``.
         schedule: ``"cyclic"`` (triangle 0 → lr at mid-run → 0), ``"piecewise"``
             (lr, ×0.1 at 50% and 75%), ``"constant"``, or a callable
@@ -107,6 +112,7 @@ class Trainer:
         *,
         epochs: int = 30,
         batch_size: int = 128,
+        pad_fill: float = 0.0,
         lr: float = 0.2,
         schedule: ScheduleLike = "cyclic",
         momentum: float = 0.9,
@@ -137,6 +143,7 @@ class Trainer:
             raise TypeError(f"eval_attack must be an advtrain Attack or None, got {type(eval_attack).__name__}")
         self.epochs = check_positive_int(epochs, "epochs")
         self.batch_size = check_positive_int(batch_size, "batch_size")
+        self.pad_fill = check_fill(pad_fill, "pad_fill")
         self.eval_every = check_positive_int(eval_every, "eval_every", minimum=0)
         self.checkpoint_every = check_positive_int(checkpoint_every, "checkpoint_every")
         self.eval_batch_size = check_positive_int(eval_batch_size, "eval_batch_size")
@@ -216,12 +223,14 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=dtype) if dtype is not None else nullcontext()
 
     def config(self) -> Dict[str, Any]:
-        """The run's settings as plain values (recorded in checkpoints)."""
+        """The run's settings as plain values (recorded in checkpoints);
+        ``pad_fill`` is that of the training loader once ``fit`` has one."""
         return {
             "model": type(self.model).__name__, "policy": repr(self.policy), "epochs": self.epochs,
             "batch_size": self.batch_size, "lr": self.lr, "momentum": self.momentum,
             "weight_decay": self.weight_decay, "nesterov": self.nesterov, "precision": self.precision,
             "eval_attack": repr(self.eval_attack),
+            "pad_fill": self.loader.pad_fill if self.loader is not None else self.pad_fill,
         }
 
     def _make_loader(self, train: Any) -> DeviceLoader:
@@ -235,7 +244,7 @@ class Trainer:
         # stay static and the hot path is never recompiled for it.
         return DeviceLoader(train, self.batch_size, shuffle=True, augment=True, device=self.device,
                             seed=self.seed if self.seed is not None else 0, num_shards=shards, shard=shard,
-                            pad_last=self.compile)
+                            pad_last=self.compile, pad_fill=self.pad_fill)
 
     # ------------------------------------------------------------- checkpoints
     def state_dict(self) -> Dict[str, Any]:
@@ -358,6 +367,10 @@ class Trainer:
         if self.seed is not None:
             torch.manual_seed(self.seed + self.rank)
         self.loader = loader = self._make_loader(train)
+        # Once per fit, on the plain model (never the compiled one, whose
+        # graphs keep the training shapes): labels beyond the model's outputs
+        # and probability outputs are reported before any step.
+        check_model_outputs(self.model, loader.images, int(loader.labels.max()), self.device)
         eval_images = eval_labels = None
         if eval_data is not None and self.eval_every > 0:
             eval_images, eval_labels = as_tensors(eval_data)
