@@ -326,6 +326,16 @@ def test_array_dataset_items_and_validation():
         ArrayDataset(images.float(), labels)
 
 
+def test_an_empty_array_dataset_is_refused_as_empty():
+    empty = (torch.zeros(0, 3, 8, 8, dtype=torch.uint8), torch.zeros(0, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"images is empty \(0 examples\)"):
+        ArrayDataset(*empty, ["a", "b"])
+    ds = ArrayDataset(torch.zeros(4, 3, 8, 8, dtype=torch.uint8), torch.tensor([0, 1, 0, 1]), ["a", "b"])
+    for indices in (0, [], torch.zeros(0, dtype=torch.long)):
+        with pytest.raises(ValueError, match="indices select no examples of the 4"):
+            ds.subset(indices)
+
+
 # ---------------------------------------------------------------- augmentation
 def _reference_crop(x: torch.Tensor, top: int, left: int, flip: bool, padding: int) -> torch.Tensor:
     """One image (C, H, W): zero-pad, cut the window, mirror."""

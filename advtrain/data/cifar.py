@@ -43,7 +43,9 @@ class ArrayDataset(Dataset):
     class indices in ``[0, len(classes))`` when ``classes`` is given.
     ``classes``: class names (may be empty). Indexing returns ``(image,
     label)`` with the image as float32 (C, H, W) in [0, 1] and the label as a
-    Python int, like a torchvision dataset with ``ToTensor()``.
+    Python int, like a torchvision dataset with ``ToTensor()``. A dataset
+    holds at least one example: an empty one is refused here, where it is
+    built, rather than later by whatever trains or evaluates on it.
     """
 
     def __init__(self, images: Tensor, labels: Tensor, classes: Sequence[str] = ()) -> None:
@@ -70,6 +72,8 @@ class ArrayDataset(Dataset):
                 f"images and labels differ in length: {images.shape[0]} images, "
                 f"{labels.shape[0]} labels"
             )
+        if images.shape[0] == 0:
+            raise ValueError("images is empty (0 examples): an ArrayDataset needs at least one image and label")
         self.classes: List[str] = [str(c) for c in classes]
         if labels.numel() > 0:
             lo, hi = int(labels.min()), int(labels.max())
@@ -94,7 +98,11 @@ class ArrayDataset(Dataset):
             idx: Union[slice, Tensor] = slice(0, indices)
         else:
             idx = torch.as_tensor(indices, dtype=torch.int64, device=self.images.device)
-        return ArrayDataset(self.images[idx], self.labels[idx], self.classes)
+        images = self.images[idx]
+        if images.shape[0] == 0:
+            raise ValueError(f"indices select no examples of the {len(self)} (got {indices!r:.80}): "
+                             "a dataset needs at least one")
+        return ArrayDataset(images, self.labels[idx], self.classes)
 
     def __repr__(self) -> str:
         shape = tuple(self.images.shape[1:])
