@@ -67,6 +67,7 @@ def test_output_shapes(num_classes: int) -> None:
 def test_parameter_counts() -> None:
     with torch.device("meta"):
         preact = PreActResNet18()
+        preact_input = PreActResNet18(shortcut="input")
         wrn28 = WideResNet(28, 10)
         wrn34 = WideResNet(34, 10)
 
@@ -80,7 +81,7 @@ def test_parameter_counts() -> None:
     # bn1 on the block's input width and one final BatchNorm (512 ch).
     bn_difference = 2 * (64 + 2 * 128 - 64 + 2 * 256 - 128 + 2 * 512 - 256 - 512)
     assert bn_difference == 1792
-    assert count(preact) == 11_173_962 - bn_difference == 11_172_170
+    assert count(preact) == count(preact_input) == 11_173_962 - bn_difference == 11_172_170
     assert count(wrn28) == 36_479_194
     assert count(wrn34) == 46_160_474
 
@@ -215,25 +216,111 @@ def test_preact_site_perturbation_changes_output_and_is_removed_after() -> None:
         assert torch.equal(model(x), clean), name
 
 
-def test_preact_block_site_feeds_conv_and_projection_shortcut() -> None:
-    block = PreActBlock(4, 8, stride=2).eval()
-    assert block.shortcut is not None
-    model = nn.Sequential(block)
-    x = torch.randn(2, 4, 8, 8)
-    delta = torch.randn(2, 4, 8, 8)
-    with perturb_sites(model, {"0.site": delta}):
-        out = model(x)
-    a = F.relu(block.bn1(x)) + delta
-    expected = block.conv2(F.relu(block.bn2(block.conv1(a)))) + block.shortcut(a)
-    torch.testing.assert_close(out, expected)
+def _bn(bn: nn.BatchNorm2d, h: torch.Tensor) -> torch.Tensor:
+    """BatchNorm with batch statistics (train mode), running statistics untouched."""
+    return F.batch_norm(h, None, None, bn.weight, bn.bias, training=True, eps=bn.eps)
 
-    identity_block = PreActBlock(4, 4, stride=1).eval()
-    assert identity_block.shortcut is None
-    with perturb_sites(nn.Sequential(identity_block), {"0.site": delta}):
-        out = identity_block(x)
-    a = F.relu(identity_block.bn1(x)) + delta
-    branch = identity_block.conv2(F.relu(identity_block.bn2(identity_block.conv1(a))))
-    torch.testing.assert_close(out, branch + x)
+
+def hand_written_preact_block(block: PreActBlock, x, delta, stride: int, shortcut: str):
+    """The pre-activation block written out with the block's weights: ``delta``
+    is added on the residual branch only; a projection shortcut reads the
+    block input (``"input"``) or the unperturbed pre-activation (``"preact"``)."""
+    pre = F.relu(_bn(block.bn1, x))
+    branch = pre if delta is None else pre + delta
+    out = F.conv2d(branch, block.conv1.weight, stride=stride, padding=1)
+    out = F.conv2d(F.relu(_bn(block.bn2, out)), block.conv2.weight, padding=1)
+    if block.shortcut is None:
+        return out + x
+    source = x if shortcut == "input" else pre
+    return out + F.conv2d(source, block.shortcut[0].weight, stride=stride)
+
+
+@pytest.mark.parametrize("shortcut", ["preact", "input"])
+@pytest.mark.parametrize("in_planes, planes, stride", [(4, 8, 2), (4, 4, 1)])
+def test_preact_block_matches_a_hand_written_block(shortcut, in_planes, planes, stride) -> None:
+    block = PreActBlock(in_planes, planes, stride, shortcut=shortcut).double().train()
+    assert (block.shortcut is None) == (stride == 1 and in_planes == planes)
+    for m in (block.bn1, block.bn2):  # non-trivial affine BatchNorm parameters
+        nn.init.uniform_(m.weight, 0.5, 1.5)
+        nn.init.uniform_(m.bias, -0.5, 0.5)
+    model = nn.Sequential(block)
+    x = torch.randn(3, in_planes, 8, 8, dtype=torch.float64)
+    weights = torch.randn(3, planes, 8 // stride, 8 // stride, dtype=torch.float64)
+    for delta in (None, torch.randn(3, in_planes, 8, 8, dtype=torch.float64)):
+        results = []
+        for written_out in (False, True):
+            xi = x.clone().requires_grad_(True)
+            di = None if delta is None else delta.clone().requires_grad_(True)
+            if written_out:
+                out = hand_written_preact_block(block, xi, di, stride, shortcut)
+            else:
+                with perturb_sites(model, {} if di is None else {"0.site": di}):
+                    out = model(xi)
+            # gradients of a fixed linear read-out: the one of delta (the site
+            # gradient) passes conv1 alone, as it only enters the branch
+            results.append((out, *torch.autograd.grad((out * weights).sum(), [xi] + ([] if di is None else [di]))))
+        for a, b in zip(*results):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_preact_variants_differ_only_where_a_projection_shortcut_is() -> None:
+    a = PreActResNet18(width=4, normalize=False)
+    b = PreActResNet18(width=4, normalize=False, shortcut="input")
+    assert list(a.state_dict()) == list(b.state_dict())
+    assert not any("site" in k for k in a.state_dict())
+    b.load_state_dict(a.state_dict())
+    a.eval(), b.eval()
+    x = images(2)
+    assert not torch.allclose(a(x), b(x))
+    projections = [f"layer{i}.0" for i in (2, 3, 4)]
+    blocks = {n: m for n, m in a.named_modules() if isinstance(m, PreActBlock)}
+    assert [n for n, m in blocks.items() if m.shortcut is not None] == projections
+    assert all(m.shortcut_from_input for m in b.modules() if isinstance(m, PreActBlock))
+    assert isinstance(build_model("preactresnet18", width=4, shortcut="input").layer2[0], PreActBlock)
+    assert build_model("preactresnet18", width=4, shortcut="input").layer2[0].shortcut_from_input
+    for bad in ("x", None, "INPUT"):
+        with pytest.raises(ValueError, match="shortcut"):
+            PreActResNet18(width=4, shortcut=bad)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="shortcut"):
+            PreActBlock(4, 8, 2, shortcut=bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("variant", ["preact", "input", "wrn"])
+def test_a_site_perturbation_never_reaches_the_shortcut(variant) -> None:
+    if variant == "wrn":
+        model = WideResNet(depth=10, widen=2).eval()  # block1.0 projects too (16 → 32 channels)
+    else:
+        model = PreActResNet18(width=4, shortcut=variant).eval()
+    x = images(2)
+    clean = model(x)
+    blocks = {n: m for n, m in model.named_modules() if getattr(m, "shortcut", None) is not None}
+    assert len(blocks) == 3
+    for name, block in blocks.items():
+        seen = []
+        handle = block.shortcut.register_forward_hook(lambda _m, _i, out: seen.append(out.detach()))
+        with capture_sites(model, [f"{name}.site"]) as acts:
+            model(x)
+        delta = torch.randn_like(acts[f"{name}.site"])
+        with perturb_sites(model, {f"{name}.site": delta}):
+            perturbed = model(x)
+        handle.remove()
+        assert len(seen) == 2
+        assert torch.equal(seen[0], seen[1]), name
+        assert not torch.allclose(perturbed, clean), name  # the perturbation does act, on the branch
+
+
+def test_wide_block_matches_a_hand_written_block() -> None:
+    model = WideResNet(depth=10, widen=2).double().train()
+    block = model.block2[0]
+    assert block.shortcut is not None
+    x = torch.randn(2, 32, 8, 8, dtype=torch.float64)
+    delta = torch.randn(2, 32, 8, 8, dtype=torch.float64)
+    with perturb_sites(model, {"block2.0.site": delta}):
+        out = block(x)
+    pre = F.relu(_bn(block.bn1, x))
+    branch = F.relu(_bn(block.bn2, F.conv2d(pre + delta, block.conv1.weight, stride=2, padding=1)))
+    expected = F.conv2d(branch, block.conv2.weight, padding=1) + F.conv2d(pre, block.shortcut.weight, stride=2)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
 
 
 # ---------------------------------------------------------------- perturb / capture semantics

@@ -23,7 +23,7 @@ _MODELS: Dict[str, Callable[..., nn.Module]] = {
 def build_model(name: str, num_classes: int = 10, **kwargs: Any) -> nn.Module:
     """Build a model by name (case-insensitive).
 
-    Names: ``"preactresnet18"`` (kwargs ``normalize``, ``width``),
+    Names: ``"preactresnet18"`` (kwargs ``normalize``, ``width``, ``shortcut``),
     ``"wideresnet"`` (kwargs ``depth``, ``widen``, ``normalize``,
     ``dropout``), ``"smallcnn"`` (kwargs ``width``, ``normalize``). Every
     model takes (N, 3, 32, 32) pixels in [0, 1] and returns (N, num_classes)

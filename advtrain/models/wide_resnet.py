@@ -17,10 +17,13 @@ class WideBasicBlock(nn.Module):
     """Pre-activation wide block: ``relu(bn1(x))`` → site → conv3×3 → bn2 →
     relu → dropout → conv3×3, plus the shortcut.
 
-    The shortcut is the identity on ``x`` when the channel count is kept,
-    otherwise a 1×1 convolution of the (possibly perturbed) pre-activation.
-    The :class:`SiteModule` ``site`` marks the pre-activation feeding the
-    first convolution.
+    The shortcut is the identity on ``x`` when stride and channel count are
+    kept, otherwise a 1×1 convolution (with the block's stride) of the
+    unperturbed pre-activation ``relu(bn1(x))``, as in the WRN of the TRADES
+    and ATTA code. The :class:`SiteModule` ``site`` sits on the residual
+    branch only, between the pre-activation and the first convolution: a
+    perturbation there never reaches the shortcut, and the site's activation
+    gradient is the one through ``conv1`` alone.
     """
 
     def __init__(self, in_planes: int, planes: int, stride: int, dropout: float) -> None:
@@ -38,9 +41,9 @@ class WideBasicBlock(nn.Module):
             self.shortcut = nn.Conv2d(in_planes, planes, kernel_size=1, stride=stride, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        out = self.site(F.relu(self.bn1(x)))
-        shortcut = self.shortcut(out) if self.shortcut is not None else x
-        out = F.relu(self.bn2(self.conv1(out)))
+        pre = F.relu(self.bn1(x))
+        shortcut = self.shortcut(pre) if self.shortcut is not None else x
+        out = F.relu(self.bn2(self.conv1(self.site(pre))))
         if self.dropout > 0:
             out = F.dropout(out, p=self.dropout, training=self.training)
         return self.conv2(out) + shortcut
@@ -56,9 +59,12 @@ class WideResNet(nn.Module):
     a linear classifier. Convolutions use He (fan-out) initialization.
     WRN-28-10 with 10 classes has 36,479,194 parameters; WRN-34-10 46,160,474.
 
-    Perturbation sites: one per block, at the pre-activation ``relu(bn1(x))``
-    feeding the block's first convolution: ``"block1.0.site"``, ...,
-    ``"block3.{n-1}.site"`` (3n sites).
+    Perturbation sites: one per block, on the residual branch only, at the
+    pre-activation ``relu(bn1(x))`` where it enters the block's first
+    convolution (the shortcut gets the unperturbed tensor):
+    ``"block1.0.site"``, ..., ``"block3.{n-1}.site"`` (3n sites). APART's
+    reference code has no WRN; these sites sit where it perturbs its
+    PreActResNet18's blocks.
 
     Args:
         depth: total depth, 6n + 4 with n >= 1 (28 and 34 are usual).
