@@ -337,22 +337,39 @@ def test_an_empty_array_dataset_is_refused_as_empty():
 
 
 # ---------------------------------------------------------------- augmentation
-def _reference_crop(x: torch.Tensor, top: int, left: int, flip: bool, padding: int) -> torch.Tensor:
-    """One image (C, H, W): zero-pad, cut the window, mirror."""
+def _reference_crop(
+    x: torch.Tensor, top: int, left: int, flip: bool, padding: int, fill: float = 0.0
+) -> torch.Tensor:
+    """One image (C, H, W): pad with ``fill``, cut the window, mirror."""
     c, h, w = x.shape
-    padded = torch.zeros(c, h + 2 * padding, w + 2 * padding, dtype=x.dtype)
+    padded = torch.full((c, h + 2 * padding, w + 2 * padding), fill, dtype=x.dtype)
     padded[:, padding : padding + h, padding : padding + w] = x
     out = padded[:, top : top + h, left : left + w]
     return out.flip(-1) if flip else out
 
 
-def _reference_batch(x: torch.Tensor, aug: Augmentation) -> torch.Tensor:
+def _reference_batch(x: torch.Tensor, aug: Augmentation, fill: float = 0.0) -> torch.Tensor:
     return torch.stack(
         [
-            _reference_crop(x[i], int(aug.top[i]), int(aug.left[i]), bool(aug.flip[i]), aug.padding)
+            _reference_crop(
+                x[i], int(aug.top[i]), int(aug.left[i]), bool(aug.flip[i]), aug.padding, fill
+            )
             for i in range(x.shape[0])
         ]
     )
+
+
+def _border(aug: Augmentation, h: int, w: int) -> torch.Tensor:
+    """(N, 1, H, W) mask of the batch pixels that come from the padded border."""
+    mask = torch.zeros(aug.top.shape[0], 1, h, w, dtype=torch.bool)
+    p = aug.padding
+    for i in range(aug.top.shape[0]):
+        for r in range(h):
+            for c in range(w):
+                col = int(aug.left[i]) + (w - 1 - c if bool(aug.flip[i]) else c)
+                row = int(aug.top[i]) + r
+                mask[i, 0, r, c] = not (p <= row < p + h and p <= col < p + w)
+    return mask
 
 
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
@@ -369,6 +386,26 @@ def test_random_crop_flip_matches_reference_and_is_reproducible(dtype):
         and torch.equal(aug2.top, aug.top)
         and torch.equal(aug2.flip, aug.flip)
     )
+
+
+@pytest.mark.parametrize("fill", [0.0, 0.5, 1.0])
+def test_augmentation_pads_with_the_fill_value(fill):
+    x = torch.rand(16, 2, 5, 6, generator=torch.Generator().manual_seed(1))
+    out, aug = random_crop_flip(x, padding=3, generator=torch.Generator().manual_seed(2), fill=fill)
+    border = _border(aug, 5, 6).expand_as(out)
+    assert border.any() and (~border).any()
+    assert torch.equal(out[border], torch.full_like(out[border], fill))  # exactly the fill
+    assert torch.equal(out, _reference_batch(x, aug, fill))
+    # uint8 images hold a fill that is a level k/255, and only such a fill
+    levels = (x * 255).round().to(torch.uint8)
+    white = apply_augmentation(levels, aug, fill=1.0)
+    assert torch.equal(white[border], torch.full_like(white[border], 255))
+    with pytest.raises(ValueError, match="level k/255"):
+        apply_augmentation(levels, aug, fill=0.5)
+    for bad, error in ((-0.1, ValueError), (1.5, ValueError), (float("nan"), ValueError),
+                       ("0.5", TypeError), (True, TypeError)):
+        with pytest.raises(error, match="fill"):
+            apply_augmentation(x, aug, fill=bad)
 
 
 def test_random_crop_flip_draws_every_offset_and_both_flips():
@@ -530,6 +567,48 @@ def test_loader_batches_are_the_stored_split_through_their_aug():
         assert float(batch.x.min()) >= 0 and float(batch.x.max()) <= 1
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("fill", [0.0, 0.5, 1.0])
+def test_loader_crops_are_padded_with_pad_fill(fill, dtype):
+    images, labels = _split(24)
+    loader = DeviceLoader((images, labels), 8, padding=3, pad_fill=fill, dtype=dtype, device="cpu")
+    assert loader.pad_fill == fill and f"pad_fill={fill}" in repr(loader)
+    border_seen = 0
+    for batch in _epoch(loader):
+        border = _border(batch.aug, 8, 8).expand_as(batch.x)
+        border_seen += int(border.sum())
+        assert batch.x.dtype == dtype
+        assert torch.equal(batch.x[border], torch.full_like(batch.x[border], fill))
+        work = torch.float64 if dtype == torch.float64 else torch.float32
+        expected = _reference_batch(images[batch.index].to(work) / 255, batch.aug, fill)
+        assert torch.equal(batch.x, expected.to(dtype))
+    assert border_seen > 0
+
+
+def test_loader_resume_is_exact_with_a_grey_fill_and_refuses_another_fill(tmp_path):
+    data = _split(30)
+    reference = DeviceLoader(data, 8, device="cpu", seed=3, pad_fill=0.5)
+    epochs = [_epoch(reference) for _ in range(2)]
+    first = DeviceLoader(data, 8, device="cpu", seed=3, pad_fill=0.5)
+    it = iter(first)
+    head = [next(it)]
+    torch.save({"loader": first.state_dict()}, tmp_path / "ckpt.pt")
+    state = torch.load(tmp_path / "ckpt.pt", weights_only=True)["loader"]
+    assert state["pad_fill"] == 0.5
+    resumed = DeviceLoader(data, 8, device="cpu", pad_fill=0.5)
+    resumed.load_state_dict(state)
+    assert _same(head + _epoch(resumed), epochs[0]) and _same(_epoch(resumed), epochs[1])
+    # the same order and crops with black borders are other batches: resuming so is refused
+    assert not _same(_epoch(DeviceLoader(data, 8, device="cpu", seed=3)), epochs[0])
+    with pytest.raises(ValueError, match="pad_fill=0.5"):
+        DeviceLoader(data, 8, device="cpu").load_state_dict(state)
+    # a state without a fill was written by a loader that padded with 0
+    old = {k: v for k, v in DeviceLoader(data, 8, device="cpu").state_dict().items() if k != "pad_fill"}
+    DeviceLoader(data, 8, device="cpu").load_state_dict(old)
+    with pytest.raises(ValueError, match="pad_fill=0.0"):
+        DeviceLoader(data, 8, device="cpu", pad_fill=0.5).load_state_dict(old)
+
+
 def test_loader_without_augment_or_shuffle_yields_originals_in_order():
     images, labels = _split(20)
     loader = DeviceLoader(
@@ -642,6 +721,10 @@ def test_loader_validates_its_options():
         DeviceLoader(_split(10), 16, drop_last=True, device="cpu")
     with pytest.raises(TypeError, match="data must be"):
         DeviceLoader(42, 4, device="cpu")  # type: ignore[arg-type]
+    for fill, error in ((-0.5, ValueError), (1.01, ValueError), (float("inf"), ValueError),
+                        (None, TypeError), (False, TypeError)):
+        with pytest.raises(error, match="pad_fill"):
+            DeviceLoader(_split(10), 4, device="cpu", pad_fill=fill)  # type: ignore[arg-type]
 
 
 def test_float_pairs_are_stored_exactly_or_with_a_warning():
@@ -752,6 +835,10 @@ def test_loader_and_store_helpers_on_cuda():
         assert torch.equal(crop_padded(pasted, batch.aug), values)
         seen.append(index)
     assert torch.equal(torch.cat(seen).sort().values, torch.arange(40))
+    for batch in DeviceLoader((images, labels), 16, device="cuda", pad_fill=0.5):
+        aug_cpu = Augmentation(batch.aug.top.cpu(), batch.aug.left.cpu(), batch.aug.flip.cpu(), 4)
+        expected = _reference_batch(images[batch.index.cpu()].float() / 255, aug_cpu, 0.5)
+        assert torch.equal(batch.x.cpu(), expected)
 
 
 # -------------------------------------------------------------------- real data

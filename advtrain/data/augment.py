@@ -5,8 +5,9 @@ and ``scatter``), on any device and any dtype, with no per-example Python
 loop and no host synchronisation. Coordinates follow
 :class:`~advtrain.data.batch.Augmentation`: image ``i`` of a batch is the
 ``H x W`` window at rows ``top[i]..top[i]+H-1`` and columns
-``left[i]..left[i]+W-1`` of the zero-padded original (size ``H+2p x W+2p``),
-mirrored left-right when ``flip[i]``.
+``left[i]..left[i]+W-1`` of the padded original (size ``H+2p x W+2p``, the
+border filled with one constant pixel value), mirrored left-right when
+``flip[i]``.
 
 Per-example stores (ATTA, APART) keep one tensor per training example in
 padded coordinates; :func:`crop_padded` reads a batch's window out of such a
@@ -31,6 +32,29 @@ def _check_padding(padding: object) -> int:
     if padding < 0:
         raise ValueError(f"padding must be >= 0 pixels, got {padding}")
     return padding
+
+
+def check_fill(fill: object, name: str = "fill") -> float:
+    """Check a padding fill: a pixel value in [0, 1] (0 black, 0.5 grey)."""
+    if isinstance(fill, bool) or not isinstance(fill, (int, float)):
+        raise TypeError(f"{name} must be a number (a pixel value in [0, 1]), got {type(fill).__name__}")
+    if not 0.0 <= fill <= 1.0:
+        raise ValueError(f"{name} must be a pixel value in [0, 1] (0.5 is grey), got {fill}")
+    return float(fill)
+
+
+def _fill_value(x: Tensor, fill: float) -> float:
+    """``fill`` (pixel units) in the units of ``x``: as is for floating
+    images, the 8-bit level ``fill * 255`` for integer (uint8) images."""
+    if x.is_floating_point():
+        return fill
+    level = fill * 255.0
+    if abs(level - round(level)) > 1e-6:
+        raise ValueError(
+            f"fill {fill} is not a level k/255 that {x.dtype} images can hold; "
+            "convert the images to float pixels in [0, 1] first"
+        )
+    return float(round(level))
 
 
 def _check_batch(x: object, name: str) -> Tensor:
@@ -157,33 +181,38 @@ def paste_padded(padded: Tensor, values: Tensor, aug: Augmentation) -> Tensor:
     return out.view(n, ch, hp, wp)
 
 
-def apply_augmentation(x: Tensor, aug: Augmentation) -> Tensor:
+def apply_augmentation(x: Tensor, aug: Augmentation, fill: float = 0.0) -> Tensor:
     """Crop and flip originals ``x`` (N, C, H, W) as recorded in ``aug``.
 
-    Zero-pads by ``aug.padding`` pixels and reads each window with
-    :func:`crop_padded`; the result has ``x``'s shape, dtype and device.
+    Pads by ``aug.padding`` pixels of value ``fill`` and reads each window
+    with :func:`crop_padded`; the result has ``x``'s shape, dtype and device.
+    ``fill`` is a pixel value in [0, 1] (0 black, 0.5 grey); integer (uint8)
+    images hold it as the level ``fill * 255``, so for them it must be a
+    multiple of 1/255 (0.5 grey needs float images).
     """
     _check_batch(x, "x")
     _check_aug(aug, x.shape[0], x.device)
+    value = _fill_value(x, check_fill(fill))
     p = aug.padding
-    return crop_padded(F.pad(x, (p, p, p, p)) if p else x, aug)
+    return crop_padded(F.pad(x, (p, p, p, p), value=value) if p else x, aug)
 
 
 def random_crop_flip(
-    x: Tensor, padding: int = 4, generator: Optional[torch.Generator] = None
+    x: Tensor, padding: int = 4, generator: Optional[torch.Generator] = None, fill: float = 0.0
 ) -> Tuple[Tensor, Augmentation]:
     """Random pad-and-crop plus horizontal flip of a batch.
 
-    ``x``: (N, C, H, W), any dtype. Zero-pads by ``padding`` pixels, cuts a
-    random H x W window (offsets uniform in ``[0, 2 * padding]``) and mirrors
-    it left-right with probability 0.5, independently per example. Random
-    draws come from ``generator`` (on ``x``'s device). Returns the augmented
-    batch (same shape, dtype, device) and the :class:`Augmentation` that
+    ``x``: (N, C, H, W), any dtype. Pads by ``padding`` pixels of value
+    ``fill`` (see :func:`apply_augmentation`), cuts a random H x W window
+    (offsets uniform in ``[0, 2 * padding]``) and mirrors it left-right with
+    probability 0.5, independently per example. Random draws come from
+    ``generator`` (on ``x``'s device). Returns the augmented batch (same
+    shape, dtype, device) and the :class:`Augmentation` that
     :func:`apply_augmentation` turns ``x`` into it with.
     """
     _check_batch(x, "x")
     aug = random_augmentation(x.shape[0], padding, generator, x.device)
-    return apply_augmentation(x, aug), aug
+    return apply_augmentation(x, aug, fill), aug
 
 
 __all__ = [

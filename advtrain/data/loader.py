@@ -26,7 +26,7 @@ from torch import Tensor
 from torch.utils.data import Dataset, TensorDataset
 
 from .._validation import check_positive_int
-from .augment import apply_augmentation, random_augmentation
+from .augment import apply_augmentation, check_fill, random_augmentation
 from .batch import Augmentation, Batch
 from .cifar import ArrayDataset
 
@@ -231,11 +231,16 @@ class DeviceLoader:
         data: the split, in any form :func:`as_tensors` accepts.
         batch_size: examples per batch.
         shuffle: draw a new order every epoch (otherwise dataset order).
-        augment: zero-pad by ``padding`` pixels, random-crop back to H x W and
-            mirror with probability 0.5, per example (``Batch.aug`` records
-            it); otherwise batches hold the originals and ``aug`` is None.
+        augment: pad by ``padding`` pixels of value ``pad_fill``, random-crop
+            back to H x W and mirror with probability 0.5, per example
+            (``Batch.aug`` records it); otherwise batches hold the originals
+            and ``aug`` is None.
         padding: crop padding in pixels; also the padding per-example stores
             use (reported by :attr:`padding` even when ``augment`` is off).
+        pad_fill: value of the padded border, a pixel value in [0, 1]: 0
+            (black) as in Wong et al.'s and Rice et al.'s code, 0.5 (grey) as
+            in ATTA's and APART's reference code. Recorded in
+            :meth:`state_dict`; resuming with another fill is refused.
         drop_last: skip the final partial batch of each epoch.
         pad_last: fill the final partial batch with examples from the start of
             the epoch's order (wrap-around), so every batch has ``batch_size``
@@ -281,6 +286,7 @@ class DeviceLoader:
         num_shards: int = 1,
         shard: Optional[int] = None,
         pad_last: bool = False,
+        pad_fill: float = 0.0,
     ) -> None:
         self.batch_size = check_positive_int(batch_size, "batch_size")
         self.num_shards = check_positive_int(num_shards, "num_shards")
@@ -291,6 +297,7 @@ class DeviceLoader:
             raise ValueError(f"batch_size {self.batch_size} must be divisible by num_shards {self.num_shards} "
                              "when one loader yields the batches of all shards")
         self.padding = check_positive_int(padding, "padding", minimum=0)
+        self.pad_fill = check_fill(pad_fill, "pad_fill")
         self._seed = check_positive_int(seed, "seed", minimum=0)
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
@@ -393,17 +400,23 @@ class DeviceLoader:
             index = order[:, b * step:(b + 1) * step].reshape(-1)
             x = self.images[index]
             batch_aug = None
-            if aug is not None:
+            if aug is None:
+                x = self._to_float(x)
+            else:
                 batch_aug = Augmentation(aug.top[index], aug.left[index], aug.flip[index], self.padding)
-                x = apply_augmentation(x, batch_aug)
+                # uint8 holds a black border exactly and moves a quarter of the
+                # bytes; any other fill (0.5 grey) is padded in the float image
+                x = (self._to_float(apply_augmentation(x, batch_aug)) if self.pad_fill == 0.0
+                     else apply_augmentation(self._to_float(x), batch_aug, self.pad_fill))
             self._position = b + 1
-            yield Batch(self._to_float(x), self.labels[index], index, batch_aug)
+            yield Batch(x, self.labels[index], index, batch_aug)
         self._epoch = epoch + 1
         self._position = 0
 
-    def state_dict(self) -> Dict[str, int]:
+    def state_dict(self) -> Dict[str, Union[int, float]]:
         """Seed, epoch and position within the epoch: enough to resume the
-        exact sequence of batches. Plain ints (safe with ``weights_only``)."""
+        exact sequence of batches; and the settings that must match to do
+        so. Plain numbers (safe with ``weights_only``)."""
         return {
             "seed": self._seed,
             "epoch": self._epoch,
@@ -412,14 +425,16 @@ class DeviceLoader:
             "batch_size": self.batch_size,
             "num_shards": self.num_shards,
             "shard": -1 if self.shard is None else self.shard,
+            "pad_fill": self.pad_fill,
         }
 
-    def load_state_dict(self, state: Mapping[str, int]) -> None:
+    def load_state_dict(self, state: Mapping[str, Union[int, float]]) -> None:
         """Continue from a :meth:`state_dict`, taken from a loader over the
-        same split with the same batch size."""
+        same split with the same batch size and padding fill."""
         expected = {"seed", "epoch", "position", "num_examples", "batch_size", "num_shards", "shard"}
-        if set(state) != expected:
-            raise ValueError(f"loader state must have keys {sorted(expected)}, got {sorted(state)}")
+        # a state without "pad_fill" comes from a loader that padded with 0
+        if not expected <= set(state) <= expected | {"pad_fill"}:
+            raise ValueError(f"loader state must have keys {sorted(expected | {'pad_fill'})}, got {sorted(state)}")
         mine = {"num_examples": self.num_examples, "batch_size": self.batch_size, "num_shards": self.num_shards,
                 "shard": -1 if self.shard is None else self.shard}
         for key in mine:
@@ -428,6 +443,10 @@ class DeviceLoader:
                     f"loader state is for {key}={int(state[key])}, "
                     f"this loader has {mine[key]}"
                 )
+        fill = float(state.get("pad_fill", 0.0))
+        if fill != self.pad_fill:
+            raise ValueError(f"loader state is for pad_fill={fill}, this loader has {self.pad_fill}; "
+                             f"build the loader with pad_fill={fill} to resume exactly")
         self._seed = check_positive_int(int(state["seed"]), "seed", minimum=0)
         self._epoch = check_positive_int(int(state["epoch"]), "epoch", minimum=0)
         self._position = check_positive_int(int(state["position"]), "position", minimum=0)
@@ -437,7 +456,7 @@ class DeviceLoader:
             f"DeviceLoader({self.num_examples} examples of shape {self.image_shape} "
             f"on {self.device}, "
             f"batch_size={self.batch_size}, shuffle={self.shuffle}, augment={self.augment}, "
-            f"padding={self.padding}, drop_last={self.drop_last}, dtype={self.dtype})"
+            f"padding={self.padding}, pad_fill={self.pad_fill}, drop_last={self.drop_last}, dtype={self.dtype})"
         )
 
 
