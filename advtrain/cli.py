@@ -8,8 +8,9 @@ Subcommands:
 * ``bench`` — run the benchmark suite in the repository's ``benchmarks/``.
 
 Errors the user can fix (a missing data directory, an unknown method, a bad
-ε, a checkpoint from another model, an unknown config key) are reported as
-one line ``advtrain: error: ...`` with exit status 2; set
+ε, a ``--device`` this machine lacks, a checkpoint from another model, an
+unknown config key, running out of memory or disk) are reported as one line
+``advtrain: error: ...`` that says what to do, with exit status 2; set
 ``ADVTRAIN_TRACEBACK=1`` to see the traceback instead.
 """
 from __future__ import annotations
@@ -26,9 +27,12 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence, Tuple
 
+from .cli_errors import device_problem, os_error_line, runtime_error_line
 from .config import RESERVED, load_config, resolve_config
-from .distributed import init_distributed, shutdown_distributed
+from .distributed import init_distributed, rank as process_rank, shutdown_distributed
+from .training.atomic import atomic_write_text
 from .training.callbacks import Callback
+from .training.run_lock import lock_run_dir
 
 METHODS = ("standard", "fgsm", "fgsm-rs", "nfgsm", "pgd", "atta", "apart")
 MODELS = ("preactresnet18", "wideresnet", "smallcnn")
@@ -125,6 +129,9 @@ def _train_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, metavar="DIR",
                    help="run directory: checkpoint.pt, metrics.jsonl, config.json")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--init-weights", default=None, metavar="CKPT",
+                   help="start a fresh run from the model weights of CKPT (a checkpoint file or run directory of "
+                        "any method); nothing else is taken from it")
     p.add_argument("--eval-every", type=non_negative_int, default=1, metavar="N",
                    help="evaluate every N epochs (0: only at the end; default 1)")
     p.add_argument("--eval-examples", type=positive_int, default=1000, metavar="N",
@@ -156,7 +163,7 @@ def build_trainer(args: argparse.Namespace, num_classes: int) -> Any:
         kwargs["eps"] = args.eps
     if args.steps is not None:
         if args.method not in ("pgd", "atta"):
-            raise CLIError(f"--steps applies to pgd and atta, not {args.method}")
+            raise CLIError(f"--steps applies to pgd and atta, not {args.method}: drop --steps, or use --method pgd or atta")
         kwargs["steps"] = args.steps
     presets: Dict[str, Callable[..., Any]] = {
         "standard": training.Trainer, "fgsm": training.FGSMTrainer, "fgsm-rs": training.FastATTrainer,
@@ -200,20 +207,50 @@ class _RecordConfig(Callback):
         self.path, self.options = path, options
 
     def on_fit_start(self, trainer: Any) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text(json.dumps(self.options, indent=2) + "\n")
+        atomic_write_text(self.path, json.dumps(self.options, indent=2) + "\n", what="run configuration")
+
+
+def _initial_weights(args: argparse.Namespace) -> Optional[Path]:
+    """The checkpoint file of ``--init-weights`` (a file, or a run directory's
+    ``checkpoint.pt``), or None. A resumed run takes its weights from its own
+    checkpoint: there ``--init-weights`` may only repeat the value recorded
+    in ``OUT/config.json`` when the run started, and is then not applied."""
+    if not args.init_weights:
+        return None
+    if args.resume:
+        recorded: Any = None
+        config = Path(args.out) / CONFIG_NAME
+        if config.is_file():
+            try:
+                recorded = json.loads(config.read_text()).get("init_weights")
+            except (OSError, ValueError, AttributeError):
+                recorded = None
+        if recorded != args.init_weights:
+            raise CLIError("--init-weights starts a fresh run from a checkpoint's model weights, so it cannot be "
+                           "combined with --resume (the run's own checkpoint holds its weights); drop one of them")
+        return None
+    return _locate_checkpoint(args.init_weights)[0]
 
 
 def run_train(args: argparse.Namespace) -> int:
     if args.resume and not args.out:
         raise CLIError("--resume needs --out (the run directory to continue)")
+    init_weights = _initial_weights(args)
     init_distributed()  # a multi-process run under torchrun: data-parallel training
+    if args.out and process_rank() == 0:
+        # Locked before the data are read, so that a second run into OUT stops at once.
+        with lock_run_dir(args.out):
+            return _train(args, init_weights)
+    return _train(args, init_weights)
+
+
+def _train(args: argparse.Namespace, init_weights: Optional[Path]) -> int:
     train, test = _read_splits(args)
     trainer = build_trainer(args, num_classes=len(train.classes))
     if args.out and trainer.is_main:
         trainer.callbacks.append(_RecordConfig(Path(args.out) / CONFIG_NAME, recorded_options(args)))
     try:
-        history = trainer.fit(train, eval_data=test, resume=bool(args.resume))
+        history = trainer.fit(train, eval_data=test, resume=bool(args.resume), init_weights=init_weights)
     finally:
         shutdown_distributed()
     if not trainer.is_main:
@@ -267,6 +304,9 @@ def _eval_parser(sub: Any) -> argparse.ArgumentParser:
                    help="auto: bf16 autocast on CUDA, fp32 on CPU")
     p.add_argument("--out", default=None, metavar="FILE", help="write the report as JSON here")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-masking-checks", action="store_true",
+                   help="skip the cheap gradient-masking checks (probability outputs, zero input gradients, "
+                        "randomized outputs) that run on the first 200 test images before the attacks")
     p.set_defaults(func=run_eval)
     return p
 
@@ -278,9 +318,11 @@ def _locate_checkpoint(target: str) -> Tuple[Path, Dict[str, Any]]:
     if path.is_dir():
         run_dir, path = path, path / CHECKPOINT_NAME
         if not path.is_file():
-            raise CLIError(f"run directory {run_dir} holds no {CHECKPOINT_NAME}")
+            raise CLIError(f"run directory {run_dir} holds no {CHECKPOINT_NAME}: pass a checkpoint file, or a run "
+                           "directory written by `advtrain train`")
     elif not path.exists():
-        raise CLIError(f"checkpoint {path} does not exist")
+        raise CLIError(f"checkpoint {path} does not exist: pass a checkpoint file, or a run directory written by "
+                       "`advtrain train`")
     else:
         run_dir = path.parent
     config: Dict[str, Any] = {}
@@ -288,7 +330,7 @@ def _locate_checkpoint(target: str) -> Tuple[Path, Dict[str, Any]]:
         try:
             config = json.loads((run_dir / CONFIG_NAME).read_text())
         except (OSError, ValueError) as exc:
-            raise CLIError(f"cannot read {run_dir / CONFIG_NAME}: {exc}") from None
+            raise CLIError(f"cannot read {run_dir / CONFIG_NAME}: {exc}; fix or remove that file") from None
         if not isinstance(config, dict):
             config = {}
     return path, config
@@ -333,7 +375,8 @@ def load_model(checkpoint: str, model: Optional[str] = None) -> Tuple[Any, str, 
         if exc.__cause__ is None:
             raise
         raise CLIError(f"{path} is not a readable advtrain checkpoint "
-                       f"({type(exc.__cause__).__name__} while loading it)") from None
+                       f"({type(exc.__cause__).__name__} while loading it): pass a checkpoint.pt written by "
+                       "advtrain, or rerun the training that writes it") from None
     recorded = state.get("config", {}).get("model")
     name = MODEL_CLASSES.get(recorded) if recorded else run_config.get("model")
     if recorded and name is None and model is None:
@@ -352,7 +395,8 @@ def load_model(checkpoint: str, model: Optional[str] = None) -> Tuple[Any, str, 
         net.load_state_dict(weights)
     except (KeyError, IndexError, RuntimeError) as exc:
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CLIError(f"checkpoint {path} does not hold {name} weights ({detail})") from None
+        raise CLIError(f"checkpoint {path} does not hold {name} weights ({detail}): pass --model naming the "
+                       f"architecture it was trained with, or the checkpoint of a {name}") from None
     return net, name, state, run_config
 
 
@@ -360,7 +404,7 @@ def run_eval(args: argparse.Namespace) -> int:
     import torch
 
     try:
-        from .evaluation import evaluate
+        from .evaluation import GradientMaskingWarning, evaluate
     except ImportError as exc:  # pragma: no cover - a broken install
         raise CLIError(f"advtrain.evaluation is not available: {exc}") from None
     from .data import cifar10, cifar100
@@ -370,7 +414,8 @@ def run_eval(args: argparse.Namespace) -> int:
                       .out_features)
     dataset = args.dataset or run_config.get("dataset") or ("cifar100" if num_classes == 100 else "cifar10")
     if not Path(args.data).is_dir():
-        raise CLIError(f"data directory {args.data} does not exist")
+        raise CLIError(f"data directory {args.data} does not exist: pass --data DIR holding the test split "
+                       "(e.g. cifar-10-batches-py/)")
     test = (cifar10 if dataset == "cifar10" else cifar100)(args.data, train=False)
     if len(test.classes) != num_classes:
         raise CLIError(f"the checkpoint's model has {num_classes} classes but {dataset} has {len(test.classes)}; "
@@ -378,9 +423,13 @@ def run_eval(args: argparse.Namespace) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
     model.to(device)
-    report = evaluate(model, test, attacks=args.suite, eps=args.eps, batch_size=args.batch_size,
-                      n_examples=args.n_examples, device=device, progress=not args.no_progress,
-                      autocast_dtype=torch.bfloat16 if bf16 else None)
+    with warnings.catch_warnings():
+        # the printed report lists every masking finding with its explanation
+        warnings.simplefilter("ignore", GradientMaskingWarning)
+        report = evaluate(model, test, attacks=args.suite, eps=args.eps, batch_size=args.batch_size,
+                          n_examples=args.n_examples, device=device, progress=not args.no_progress,
+                          autocast_dtype=torch.bfloat16 if bf16 else None,
+                          masking_checks=not args.no_masking_checks)
     result = {"checkpoint": str(args.checkpoint), "model": name, "dataset": dataset, "epoch": state.get("epoch"),
               "suite": args.suite, "precision": "bf16" if bf16 else "fp32", **report.to_dict()}
     print(f"{name} from {args.checkpoint} (epoch {state.get('epoch')}), {dataset} test split, suite {args.suite}")
@@ -421,11 +470,12 @@ def run_plot(args: argparse.Namespace) -> int:
         path = Path(run)
         metrics = path / METRICS_NAME if path.is_dir() else path
         if not metrics.is_file():
-            raise CLIError(f"no {METRICS_NAME} in {run}" if path.is_dir() else f"{run} does not exist")
+            raise CLIError((f"no {METRICS_NAME} in {run}" if path.is_dir() else f"{run} does not exist")
+                           + ": pass run directories written by `advtrain train` (or their metrics.jsonl files)")
         files.append(metrics)
     labels = _run_labels(files)
     if len(set(labels)) != len(labels):
-        raise CLIError("the same run is given twice")
+        raise CLIError("the same run is given twice: give each run once")
     # The arguments are checked first, so a wrong path is reported as such
     # whether or not matplotlib is installed.
     if importlib.util.find_spec("matplotlib") is None:
@@ -552,11 +602,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     args = _apply_config(parser, _subparser(parser, "train"), argv, args)
                 except SystemExit as exc:
                     return _exit_status(exc)
+            problem = device_problem(getattr(args, "device", None))
+            if problem is not None:
+                raise CLIError(problem)
             return int(args.func(args))
         except (CLIError, ValueError, OSError) as exc:
             if debug:
                 raise
-            print(f"advtrain: error: {_one_line(exc)}", file=sys.stderr)
+            line = os_error_line(exc) if isinstance(exc, OSError) else _one_line(exc)
+            print(f"advtrain: error: {line}", file=sys.stderr)
+            return 2
+        except RuntimeError as exc:  # from torch; only the conditions the user can fix become one line
+            line = runtime_error_line(exc, compiled=bool(getattr(args, "compile", False)))
+            if debug or line is None:
+                raise
+            print(f"advtrain: error: {line}", file=sys.stderr)
             return 2
         except FloatingPointError as exc:
             if debug:

@@ -195,6 +195,71 @@ def test_errors_are_one_line_with_exit_status_2(data_dir, tmp_path, capsys, argv
     assert_one_error_line(err, *fragments)
 
 
+@pytest.mark.parametrize("command", ["train", "eval"])
+@pytest.mark.parametrize("device, fragments", [
+    ("foo", ["--device 'foo' is not a device name", "use cpu, cuda or cuda:N"]),
+    ("cuda:x", ["--device 'cuda:x' is not a device name"]),
+    ("meta", ["advtrain runs on cpu, cuda", "use --device cpu"]),
+])
+def test_a_bad_device_is_one_line_saying_what_to_use(data_dir, trained_run, capsys, command, device, fragments):
+    target = ["--data", data_dir] if command == "train" else [trained_run, "--data", data_dir]
+    rc, _, err = run_cli(capsys, command, *target, "--device", device)
+    assert rc == 2
+    assert_one_error_line(err, *fragments)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("command", ["train", "eval"])
+def test_cuda_without_cuda_is_one_line_saying_use_cpu(data_dir, trained_run, capsys, command):
+    target = ["--data", data_dir] if command == "train" else [trained_run, "--data", data_dir]
+    rc, _, err = run_cli(capsys, command, *target, "--device", "cuda")
+    assert rc == 2
+    line = assert_one_error_line(err, "--device cuda", "CUDA", "use --device cpu")
+    if torch.version.cuda is None:
+        assert f"CUDA is not available in this torch build ({torch.__version__}" in line
+
+
+def _raise_in_training(monkeypatch, exc):
+    def fit(self, *args, **kwargs):
+        raise exc
+    monkeypatch.setattr(Trainer, "fit", fit)
+
+
+@pytest.mark.parametrize("exc, fragments", [
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+     ["CUDA out of memory", "lower --batch-size"]),
+    (RuntimeError("[enforce fail at inline_container.cc:603] . PytorchStreamWriter failed writing file data/0: "
+                  "file write failed"), ["file write failed", "free disk space", "--out"]),
+    (RuntimeError("CUDA error: invalid device ordinal"), ["invalid device ordinal", "--device cuda:N"]),
+    (PermissionError(13, "Permission denied", "/runs/a/checkpoint.pt"),
+     ["Permission denied: '/runs/a/checkpoint.pt'", "choose a path you may write to"]),
+])
+def test_fixable_torch_and_os_errors_are_one_line_saying_what_to_do(data_dir, capsys, monkeypatch, exc,
+                                                                       fragments):
+    _raise_in_training(monkeypatch, exc)
+    rc, _, err = run_cli(capsys, "train", "--data", data_dir, "--epochs", "1", *TINY)
+    assert rc == 2
+    assert_one_error_line(err, *fragments)
+    monkeypatch.setenv("ADVTRAIN_TRACEBACK", "1")
+    with pytest.raises(type(exc)):
+        cli.main(["train", "--data", str(data_dir), "--epochs", "1", *TINY])
+
+
+def test_a_compiler_failure_says_run_without_compile(data_dir, capsys, monkeypatch):
+    from torch._dynamo.exc import TorchDynamoException
+
+    _raise_in_training(monkeypatch, TorchDynamoException("InvalidCxxCompiler: No working C++ compiler found"))
+    rc, _, err = run_cli(capsys, "train", "--data", data_dir, "--epochs", "1", "--compile", *TINY)
+    assert rc == 2
+    assert_one_error_line(err, "torch.compile failed", "No working C++ compiler", "run without --compile")
+
+
+def test_other_runtime_errors_keep_their_traceback(data_dir, monkeypatch):
+    _raise_in_training(monkeypatch, RuntimeError("mat1 and mat2 shapes cannot be multiplied (8x3 and 4x5)"))
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        cli.main(["train", "--data", str(data_dir), "--epochs", "1", *TINY])
+
+
 # -------------------------------------------------------------------- eval
 def test_eval_writes_a_json_report_and_prints_a_table(trained_run, data_dir, tmp_path, capsys):
     report_path = tmp_path / "reports" / "report.json"
