@@ -344,7 +344,7 @@ def test_atta_first_visit_equals_pgd_without_random_start():
         model(torch.rand(32, *SHAPE) * 0.5)
     model.train()
     for k, s in [(1, 0.015), (3, 0.01)]:
-        policy = ATTAPolicy(EPS, steps=k, step_size=s)
+        policy = ATTAPolicy(EPS, steps=k, step_size=s, init="zero")
         policy.setup(model, context())
         policy.start_epoch(0)
         batch = make_batch(seed=5)
@@ -372,9 +372,10 @@ def test_atta_first_visit_equals_pgd_without_random_start():
 
 def test_atta_second_visit_continues_the_stored_perturbation():
     """ATTA-1 visiting a batch twice (same crop) is PGD-2 from zero; the store
-    is kept across epochs and zeroed every ``reset_every`` epochs."""
+    is kept across epochs and, with ``reset_schedule="start", init="zero"``,
+    zeroed before every ``reset_every``-th 0-based epoch."""
     model = make_model(2)
-    policy = ATTAPolicy(EPS, steps=1, step_size=0.01, reset_every=2)
+    policy = ATTAPolicy(EPS, steps=1, step_size=0.01, reset_every=2, reset_schedule="start", init="zero")
     policy.setup(model, context())
     policy.start_epoch(0)
     batch = make_batch(seed=6)
@@ -397,7 +398,7 @@ def test_atta_first_epoch_equals_pgd_training_epoch():
     kw = trainer_kwargs(epochs=2, lr=0.2, schedule="cyclic", weight_decay=5e-4)
     stop = LambdaCallback(on_epoch_end=lambda tr, epoch, rec: setattr(tr, "stop_training", True))
     atta_model, pgd_model = copy.deepcopy(model), copy.deepcopy(model)
-    atta = ATTATrainer(atta_model, eps=EPS, steps=k, step_size=s, callbacks=[stop], **kw)
+    atta = ATTATrainer(atta_model, eps=EPS, steps=k, step_size=s, init="zero", callbacks=[stop], **kw)
     pgd = Trainer(
         pgd_model,
         AttackPolicy(PGD(EPS, steps=k, step_size=s, random_start=False, bn_mode="eval")),
@@ -416,6 +417,60 @@ def test_atta_first_epoch_equals_pgd_training_epoch():
     batch = next(iter(next_loader))
     atta_x = atta.policy.perturb(atta_model, batch).x
     assert not torch.equal(atta_x, pgd.policy.perturb(pgd_model, batch).x)
+
+
+def _resets(policy: ATTAPolicy, epochs: int):
+    """The 0-based epochs before which ``start_epoch`` re-initializes the store."""
+    found = []
+    for epoch in range(epochs):
+        policy.store.data.fill_(7.0)  # a value no initialization produces
+        policy.start_epoch(epoch)
+        if not bool((policy.store.data == 7.0).all()):
+            assert not bool((policy.store.data == 7.0).any())  # the whole store, or nothing
+            found.append(epoch)
+    return found
+
+
+def test_atta_resets_at_the_reference_codes_epochs():
+    """The reference loops over 1-based epochs and resets when the number is
+    a multiple of the period: before 0-based epochs 9, 19, 29 for 10."""
+    model = make_model(4)
+    for kw, expected in [
+        (dict(), [9, 19, 29]),
+        (dict(reset_every=3), [2, 5, 8, 11, 14, 17, 20, 23, 26, 29, 32]),
+        (dict(reset_every=1), list(range(35))),
+        (dict(reset_schedule="start"), [0, 10, 20, 30]),
+        (dict(reset_every=0), []),
+    ]:
+        policy = ATTAPolicy(EPS, **kw)
+        policy.setup(model, context())
+        assert _resets(policy, 35) == expected, kw
+        assert [e for e in range(35) if policy.resets_before(e)] == expected
+
+
+def test_atta_store_is_drawn_as_0_001_normal_from_the_global_generator():
+    model = make_model(5)
+    ctx = context(num_examples=256, shape=(3, 8, 8), padding=2)  # 110,592 values
+    torch.manual_seed(3)
+    first, second = torch.randn(256, 3, 12, 12) * 0.001, torch.randn(256, 3, 12, 12) * 0.001
+    torch.manual_seed(3)
+    policy = ATTAPolicy(EPS)
+    policy.setup(model, ctx)
+    assert torch.equal(policy.store.data, first)  # drawn at setup, from torch's global generator
+    policy.start_epoch(9)
+    assert torch.equal(policy.store.data, second)  # and drawn again at a reset
+    z = policy.store.data.flatten().double() / 0.001
+    n = z.numel()
+    assert abs(float(z.mean())) < 4 / n**0.5 and abs(float(z.std()) - 1) < 0.01
+    # Kolmogorov–Smirnov distance to N(0, 1), well under its 1% critical value 1.63/sqrt(n)
+    ks = (torch.arange(1, n + 1, dtype=torch.float64) / n - torch.special.ndtr(z.sort().values)).abs().max()
+    assert float(ks) < 1.63 / n**0.5
+    zero = ATTAPolicy(EPS, init="zero")
+    zero.setup(model, ctx)
+    assert not bool(zero.store.data.any())
+    zero.store.data.fill_(1.0)
+    zero.start_epoch(9)
+    assert not bool(zero.store.data.any())
 
 
 # =============================================================================== APART
@@ -810,6 +865,36 @@ def test_atta_resume_reproduces_uninterrupted_run(tmp_path):
     )  # the store holds real perturbations
 
 
+def test_atta_resume_across_a_reset_epoch_reproduces_uninterrupted_run(tmp_path):
+    """Period 2: the store is drawn anew before 0-based epoch 1, the first
+    epoch of the resumed run; the draw must be the uninterrupted run's."""
+    after_start = {"full": {}, "resumed": {}}
+
+    class Recording(ATTAPolicy):
+        run = "full"
+
+        def start_epoch(self, epoch):
+            super().start_epoch(epoch)
+            after_start[self.run][epoch] = self.store.data.clone()
+
+    policies = iter(["full", "first", "resumed"])
+
+    def make_policy():
+        policy = Recording(EPS, steps=2, step_size=0.01, reset_every=2)
+        policy.run = next(policies)
+        after_start.setdefault(policy.run, {})
+        return policy
+
+    full, first, resumed = _resume_pair(tmp_path, make_policy, make_data(48))
+    assert full.policy.resets_before(1) and not full.policy.resets_before(2)
+    fresh = after_start["full"][1]
+    assert torch.equal(fresh, after_start["resumed"][1])  # the same draw after the resume
+    assert float(first.policy.store.data.abs().max()) > 0.5 * EPS  # before it: real perturbations
+    assert float(fresh.abs().max()) < 0.01 and float(fresh.std()) > 0.0005  # after it: 0.001·N(0, 1)
+    assert_same_state(full.model, resumed.model)
+    assert torch.equal(full.policy.store.data, resumed.policy.store.data)
+
+
 def test_atta_checkpoint_of_another_dataset_size_is_rejected(tmp_path):
     model = make_model(12)
     stop = LambdaCallback(on_epoch_end=lambda tr, epoch, rec: setattr(tr, "stop_training", True))
@@ -860,6 +945,8 @@ def test_bad_input():
         dict(step_size=-0.01),
         dict(store_dtype="int8"),
         dict(store_dtype=torch.float64),
+        dict(reset_schedule="end"),
+        dict(init="uniform"),
     ):
         with pytest.raises(ValueError):
             ATTAPolicy(**kw)

@@ -361,6 +361,57 @@ def test_device_loader_is_used_as_given():
     assert trainer.loader is loader and trainer.global_step == 4
 
 
+@pytest.mark.parametrize("preset, fill", [("FGSMTrainer", 0.0), ("FastATTrainer", 0.0), ("NFGSMTrainer", 0.0),
+                                           ("PGDTrainer", 0.0), ("ATTATrainer", 0.5), ("APARTTrainer", 0.5)])
+def test_presets_pad_crops_as_their_papers_code_does(preset, fill):
+    import advtrain
+
+    trainer = getattr(advtrain, preset)(small_model(), progress=False, device="cpu")
+    assert trainer.pad_fill == fill and trainer.config()["pad_fill"] == fill
+    assert getattr(advtrain, preset)(small_model(), pad_fill=0.25, progress=False).pad_fill == 0.25
+    assert Trainer(small_model()).pad_fill == 0.0
+
+
+def test_pad_fill_reaches_the_loader_and_the_checkpoint(tmp_path):
+    x, y = synthetic(64)
+    trainer = make_trainer(tmp_path, epochs=1, eval_every=0, pad_fill=0.5)
+    trainer.fit((x, y))
+    assert trainer.loader.pad_fill == 0.5
+    state = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert state["config"]["pad_fill"] == 0.5 and state["loader"]["pad_fill"] == 0.5
+    batch = next(iter(trainer.loader))
+    i = int(batch.aug.top.argmin())  # the top rows of this crop lie in the padded border
+    rows = batch.aug.padding - int(batch.aug.top[i])
+    assert rows > 0 and bool((batch.x[i, :, :rows] == 0.5).all())
+    # a DeviceLoader given to fit keeps its own fill, and the config records that one
+    given = make_trainer(None, epochs=1, eval_every=0, pad_fill=0.5)
+    given.fit(DeviceLoader((x, y), 32, device="cpu"))
+    assert given.config()["pad_fill"] == 0.0
+    with pytest.raises(ValueError, match="pad_fill"):
+        Trainer(small_model(), pad_fill=2)
+
+
+def test_resume_with_a_grey_fill_equals_an_uninterrupted_run(tmp_path):
+    data = synthetic(64)
+    full = make_trainer(tmp_path / "full", epochs=2, eval_every=0, pad_fill=0.5)
+    full.fit(data)
+    killed = make_trainer(tmp_path / "killed", epochs=2, eval_every=0, pad_fill=0.5, callbacks=[StopAt(1)])
+    with pytest.raises(KeyboardInterrupt):
+        killed.fit(data)
+    resumed = make_trainer(tmp_path / "killed", seed_model=123, epochs=2, eval_every=0, pad_fill=0.5)
+    resumed.fit(data, resume=True)
+    want, got = params(full.model), params(resumed.model)
+    for k in want:
+        assert torch.equal(want[k], got[k]), k
+    black = make_trainer(None, epochs=2, eval_every=0)
+    black.fit(data)
+    assert any(not torch.equal(want[k], v) for k, v in params(black.model).items())  # the fill matters
+    # resuming with another fill would not reproduce the run: refused
+    other = make_trainer(tmp_path / "killed", epochs=3, eval_every=0)
+    with pytest.raises(ValueError, match="pad_fill=0.5"), pytest.warns(UserWarning, match="pad_fill"):
+        other.fit(data, resume=True)
+
+
 def test_accuracy_works_for_a_model_without_parameters():
     from advtrain.evaluation import accuracy
 

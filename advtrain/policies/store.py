@@ -19,7 +19,10 @@ class PerExampleStore:
 
     :meth:`read` returns the window a batch's augmentation selected (mirrored
     when the image was flipped) in float32; :meth:`write` un-flips values and
-    pastes them into the window, leaving the border as it was. Rows are
+    pastes them into the window, leaving the border as it was. The values are
+    perturbations (or their directions), not pixels, so nothing here depends
+    on the loader's padding fill: where a window reaches into the border, the
+    batch image there is the fill and the stored value perturbs it. Rows are
     addressed by dataset index, never by batch position. A sharded store
     (``num_shards > 1``, one process of a distributed run) holds only the
     examples with ``index % num_shards == shard``, in row ``index // num_shards``.

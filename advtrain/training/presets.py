@@ -2,7 +2,10 @@
 
 Every preset takes the model, ``eps`` (an L∞ radius in pixel units, at most
 1; default 8/255) and the method's own knobs; any other keyword goes to
-:class:`Trainer` and overrides the defaults listed in each docstring.
+:class:`Trainer` and overrides the defaults listed in each docstring. Each
+preset also sets the crop padding fill (``pad_fill``) of its paper's code: 0
+(black) for FGSM, Fast-AT, PGD and N-FGSM (Wong et al.'s and Rice et al.'s
+code), 0.5 (grey) for ATTA and APART.
 """
 from __future__ import annotations
 
@@ -35,7 +38,8 @@ class FGSMTrainer(Trainer):
 
     def __init__(self, model: nn.Module, *, eps: float = EPS, **kwargs: Any) -> None:
         super().__init__(model, AttackPolicy(FGSM(eps, bn_mode="train")),
-                         **_with_defaults(kwargs, epochs=30, lr=0.2, schedule="cyclic", weight_decay=5e-4))
+                         **_with_defaults(kwargs, epochs=30, lr=0.2, schedule="cyclic", weight_decay=5e-4,
+                                          pad_fill=0.0))
 
 
 class FastATTrainer(Trainer):
@@ -45,7 +49,8 @@ class FastATTrainer(Trainer):
 
     def __init__(self, model: nn.Module, *, eps: float = EPS, step_size: Optional[float] = None, **kwargs: Any) -> None:
         super().__init__(model, AttackPolicy(FGSMRS(eps, step_size=step_size, bn_mode="train")),
-                         **_with_defaults(kwargs, epochs=15, lr=0.2, schedule="cyclic", weight_decay=5e-4))
+                         **_with_defaults(kwargs, epochs=15, lr=0.2, schedule="cyclic", weight_decay=5e-4,
+                                          pad_fill=0.0))
 
 
 class PGDTrainer(Trainer):
@@ -63,7 +68,8 @@ class PGDTrainer(Trainer):
         step = eps / 4 if step_size is None else step_size
         super().__init__(model, AttackPolicy(PGD(eps, steps=steps, step_size=step, random_start=True,
                                                  bn_mode="train")),
-                         **_with_defaults(kwargs, epochs=30, lr=0.2, schedule="cyclic", weight_decay=5e-4))
+                         **_with_defaults(kwargs, epochs=30, lr=0.2, schedule="cyclic", weight_decay=5e-4,
+                                          pad_fill=0.0))
 
 
 class NFGSMTrainer(Trainer):
@@ -75,22 +81,29 @@ class NFGSMTrainer(Trainer):
     def __init__(self, model: nn.Module, *, eps: float = EPS, noise: Optional[float] = None,
                  step_size: Optional[float] = None, **kwargs: Any) -> None:
         super().__init__(model, AttackPolicy(NFGSM(eps, step_size=step_size, noise=noise, bn_mode="train")),
-                         **_with_defaults(kwargs, epochs=30, lr=0.2, schedule="cyclic", weight_decay=5e-4))
+                         **_with_defaults(kwargs, epochs=30, lr=0.2, schedule="cyclic", weight_decay=5e-4,
+                                          pad_fill=0.0))
 
 
 class ATTATrainer(Trainer):
     """ATTA-k (Zheng et al. 2020): each example's perturbation is kept across
     epochs and continued by ``steps`` PGD steps (no random start; step 0.015 /
     0.01 / 0.007 for k = 1 / 3 / 10), BatchNorm in eval mode while attacking,
-    store re-initialized every ``reset_every`` epochs. Defaults: 30 epochs,
-    cyclic LR to 0.2, momentum 0.9, weight decay 5e-4 (the same schedule as
-    the other presets, for direct comparison)."""
+    store drawn as 0.001·N(0, 1) and drawn again before every
+    ``reset_every``-th epoch (``reset_schedule`` and ``init`` as in
+    :class:`~advtrain.policies.ATTAPolicy`); crops padded with grey
+    (``pad_fill=0.5``) as in the reference code. Defaults: 30 epochs, cyclic
+    LR to 0.2, momentum 0.9, weight decay 5e-4 (the same schedule as the other
+    presets, for direct comparison)."""
 
     def __init__(self, model: nn.Module, *, eps: float = EPS, steps: int = 1, step_size: Optional[float] = None,
-                 reset_every: int = 10, store_dtype: Union[str, torch.dtype] = "float32", **kwargs: Any) -> None:
-        policy = ATTAPolicy(eps, steps=steps, step_size=step_size, reset_every=reset_every, store_dtype=store_dtype)
+                 reset_every: int = 10, reset_schedule: str = "reference", init: str = "normal",
+                 store_dtype: Union[str, torch.dtype] = "float32", **kwargs: Any) -> None:
+        policy = ATTAPolicy(eps, steps=steps, step_size=step_size, reset_every=reset_every,
+                            reset_schedule=reset_schedule, init=init, store_dtype=store_dtype)
         super().__init__(model, policy,
-                         **_with_defaults(kwargs, epochs=30, lr=0.2, schedule="cyclic", weight_decay=5e-4))
+                         **_with_defaults(kwargs, epochs=30, lr=0.2, schedule="cyclic", weight_decay=5e-4,
+                                          pad_fill=0.5))
 
 
 class APARTTrainer(Trainer):
@@ -107,6 +120,7 @@ class APARTTrainer(Trainer):
     from ``init_step`` = ``init_scale`` = 1e-4 (α and α_ω). The step sizes grow
     over the run, so runs much shorter than the reference's 30 epochs × 390
     steps need a larger ``step_lr`` or ``init_step`` to perturb as strongly.
+    Crops are padded with grey (``pad_fill=0.5``) as in the reference code.
     Evaluation uses PGD-20 at ε = 8/255.
     """
 
@@ -119,4 +133,4 @@ class APARTTrainer(Trainer):
         epochs = kwargs.get("epochs", 30)
         super().__init__(model, policy,
                          **_with_defaults(kwargs, epochs=30, lr=0.2, schedule="cyclic", weight_decay=2e-4,
-                                          momentum_schedule=cyclic_momentum(epochs)))
+                                          momentum_schedule=cyclic_momentum(epochs), pad_fill=0.5))
