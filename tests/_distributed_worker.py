@@ -17,8 +17,9 @@ from test_distributed import bn_model, dataset, plain_model, settings  # noqa: E
 def main(out: Path) -> None:
     assert init_distributed("gloo"), "expected WORLD_SIZE=2 from torchrun"
     r = rank()
-    # Equivalence with one process: no BatchNorm, deterministic ATTA (sharded stores).
-    trainer = ATTATrainer(plain_model(), batch_size=8, run_dir=out / "atta", **settings())
+    # Equivalence with one process: no BatchNorm, deterministic ATTA (sharded stores, zero
+    # init: each rank's random draws differ from one process's).
+    trainer = ATTATrainer(plain_model(), batch_size=8, init="zero", run_dir=out / "atta", **settings())
     trainer.fit(dataset())
     print(f"rank {r}: atta trained", flush=True)
     torch.save({"model": trainer.model.state_dict(), "store": trainer.policy.store.data}, out / f"atta{r}.pt")

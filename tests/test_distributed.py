@@ -101,8 +101,8 @@ def test_two_processes_match_each_other_and_a_single_process_run(tmp_path):
                                                                "checkpoint.rank1.pt", "metrics.jsonl"}
 
     # One process over the same global batches (16 = 2 ranks x 8).
-    single = ATTATrainer(plain_model(), batch_size=16, **settings())
-    single.fit(DeviceLoader(dataset(), 16, num_shards=2, seed=0, device="cpu"))
+    single = ATTATrainer(plain_model(), batch_size=16, init="zero", **settings())
+    single.fit(DeviceLoader(dataset(), 16, num_shards=2, seed=0, device="cpu", pad_fill=single.pad_fill))
     for key, value in single.model.state_dict().items():
         torch.testing.assert_close(ranks[0]["model"][key], value, rtol=1e-4, atol=1e-5, msg=key)
     # Each rank's store holds its shard of the single process's store.
