@@ -14,9 +14,9 @@ class Augmentation:
     A batch image ``i`` equals ``pad(original, padding, fill)[:, top[i]:top[i]+H,
     left[i]:left[i]+W]``, mirrored left-right when ``flip[i]`` is true (the crop
     is taken first, the flip second); ``fill`` is the loader's constant border
-    pixel value (``DeviceLoader(pad_fill=...)``). ``top`` and ``left`` are int64 offsets in
-    ``[0, 2 * padding]``; ``flip`` is a bool tensor. All three have shape (N,)
-    and live on the batch's device.
+    pixel value (``DeviceLoader(pad_fill=...)``). ``top`` and ``left`` are
+    int64 offsets in ``[0, 2 * padding]``; ``flip`` is a bool tensor. All three
+    have shape (N,) and live on the batch's device.
     """
 
     top: Tensor
