@@ -26,16 +26,26 @@ from ..models.input_only import InputOnlyGradients
 from ..models.sites import perturb_sites
 from ..policies.attack_policy import CleanPolicy
 from ..policies.base import PerturbationPolicy, PolicyContext
+from .atomic import remove_stale_temp_files
 from .callbacks import Callback
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, NonFiniteCheckpointError, load_checkpoint, non_finite_entries, save_checkpoint
 from .history import History
 from .output_check import check_model_outputs
 from .progress import ProgressBar
+from .run_lock import lock_run_dir
 from .schedules import ScheduleLike, make_schedule
 
 PRECISIONS = ("auto", "fp32", "bf16")
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.jsonl"
+#: The training loss is checked to be finite every this many steps (one host
+#: synchronisation each, and an all-reduce in a distributed run), whether or
+#: not progress is shown: a diverged run stops within this many steps.
+FINITE_CHECK_STEPS = 50
+#: Keys every Trainer checkpoint holds.
+STATE_KEYS = ("epoch", "global_step", "model", "optimizer", "policy", "history", "rng")
+_WEIGHTS_ONLY_HINT = ("to start a fresh run from its model weights alone, pass init_weights=CHECKPOINT to "
+                      "Trainer.fit (--init-weights CHECKPOINT on the command line)")
 
 
 def pgd20(eps: float = 8 / 255) -> PGD:
@@ -55,9 +65,12 @@ class Trainer:
     accuracy on the first ``eval_examples`` evaluation images). Each epoch's
     metrics go to :attr:`history` and, with ``run_dir``, to
     ``run_dir/metrics.jsonl``; checkpoints (model, optimizer, schedule
-    position, policy, loader and RNG states, history) are written atomically to
-    ``run_dir/checkpoint.pt``. ``fit(..., resume=True)`` continues from it and
-    reproduces an uninterrupted run.
+    position, policy, loader and RNG states, history) are written atomically,
+    checksummed and only with finite values to ``run_dir/checkpoint.pt``, and
+    the run directory is locked while ``fit`` runs (see ``docs/reliability.md``).
+    ``fit(..., resume=True)`` continues from it and reproduces an
+    uninterrupted run; ``fit(..., init_weights=path)`` starts a fresh run from
+    a checkpoint's model weights alone.
 
     Args:
         model: a classifier taking pixels in [0, 1] (normalization inside).
@@ -209,6 +222,7 @@ class Trainer:
         self.global_step = 0
         self.stop_training = False
         self.loader: Optional[DeviceLoader] = None
+        self._checkpoint_epoch: Optional[int] = None  # epoch held by run_dir/checkpoint.pt, written by this run
 
     # ------------------------------------------------------------------ setup
     @property
@@ -254,6 +268,7 @@ class Trainer:
             "epoch": self.epoch,
             "global_step": self.global_step,
             "config": self.config(),
+            "policy_type": type(self.policy).__name__,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "policy": self.policy.state_dict(),
@@ -268,17 +283,28 @@ class Trainer:
         return state
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`'s output (after the policy's setup)."""
-        try:
-            self.model.load_state_dict(state["model"])
-        except RuntimeError as exc:
-            detail = " ".join(line.strip() for line in str(exc).splitlines()[1:])
-            detail = detail if len(detail) <= 300 else detail[:297] + "..."
-            raise CheckpointError(
-                f"the checkpoint was written for a different model ({state.get('config', {}).get('model')}) "
-                f"than this {type(self.model).__name__}: {detail}") from exc
+        """Restore :meth:`state_dict`'s output (after the policy's setup).
+
+        Raises :class:`CheckpointError` when ``state`` lacks one of
+        :data:`STATE_KEYS`, was written for another model or with another
+        policy type (another method), or holds a policy state that does not
+        fit; ``fit(..., init_weights=path)`` takes the model weights alone
+        from such a checkpoint."""
+        missing = [k for k in STATE_KEYS if k not in state]
+        if missing:
+            raise CheckpointError(f"the checkpoint lacks {missing}, so it is not a complete Trainer checkpoint; "
+                                  f"{_WEIGHTS_ONLY_HINT}")
+        self._load_model(state)
+        saved_policy, policy = state.get("policy_type"), type(self.policy).__name__
+        if saved_policy is not None and saved_policy != policy:
+            raise CheckpointError(f"the checkpoint was written by a run with {saved_policy}, this run uses {policy}: "
+                                  f"resume it with the same method, or {_WEIGHTS_ONLY_HINT}")
         self.optimizer.load_state_dict(state["optimizer"])
-        self.policy.load_state_dict(state["policy"])
+        try:
+            self.policy.load_state_dict(state["policy"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"the checkpoint's policy state does not fit this run's {policy}: {exc}; "
+                                  f"{_WEIGHTS_ONLY_HINT}") from exc
         if self.loader is not None and "loader" in state:
             self.loader.load_state_dict(state["loader"])
         for cb in self.callbacks:
@@ -292,26 +318,73 @@ class Trainer:
         if "cuda" in state["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
 
+    def _load_model(self, state: Dict[str, Any]) -> None:
+        """Load the checkpoint ``state``'s model weights into the model."""
+        try:
+            self.model.load_state_dict(state["model"])
+        except RuntimeError as exc:
+            detail = " ".join(line.strip() for line in str(exc).splitlines()[1:])
+            detail = detail if len(detail) <= 300 else detail[:297] + "..."
+            raise CheckpointError(
+                f"the checkpoint was written for a different model ({state.get('config', {}).get('model')}) "
+                f"than this {type(self.model).__name__}: {detail}") from exc
+
+    def _init_weights(self, path: Path) -> None:
+        """Start from the model weights of the checkpoint at ``path`` (of any method), nothing else."""
+        state = load_checkpoint(path, map_location="cpu")
+        if "model" not in state:
+            raise CheckpointError(f"checkpoint {path} holds no model weights")
+        try:
+            self._load_model(state)
+        except CheckpointError as exc:
+            raise CheckpointError(f"cannot take the initial weights from {path}: {exc}") from exc
+
     def save_checkpoint(self, path: Union[str, Path, None] = None) -> Path:
         """Write a checkpoint atomically (default ``run_dir/checkpoint.pt``).
 
         In a distributed run rank 0 writes ``path`` and every rank ``r`` also
         writes ``<path stem>.rank<r>.pt`` with its own policy state (its shard
-        of any per-example store) and RNG state; all ranks must call this."""
+        of any per-example store) and RNG state; all ranks must call this.
+
+        Nothing is written, and ``FloatingPointError`` is raised, when the
+        model's parameters or buffers, the optimizer or the policy hold inf or
+        NaN (on any rank): the file keeps its last finite checkpoint."""
+        main_path = self.run_dir / CHECKPOINT_NAME if self.run_dir is not None else None
         if path is None:
-            if self.run_dir is None:
+            if main_path is None:
                 raise ValueError("save_checkpoint needs a path when the Trainer has no run_dir")
-            path = self.run_dir / CHECKPOINT_NAME
+            path = main_path
         path = Path(path)
         state = self.state_dict()
-        if self.distributed:
-            save_checkpoint(_rank_path(path, self.rank), {"policy": state.pop("policy"), "rng": state["rng"],
-                                                          "world_size": self.world_size})
-            if self.is_main:
+        try:
+            if self.distributed:
+                bad = non_finite_entries(state)  # every rank decides alike before any rank writes
+                flag = dist_utils.all_reduce_sum(torch.tensor([float(bool(bad))], device=self.device))
+                if flag.item() > 0:
+                    raise NonFiniteCheckpointError(f"refused to write checkpoint {path}: non-finite values in "
+                                                   f"{', '.join(bad) if bad else 'another rank'}", bad)
+                save_checkpoint(_rank_path(path, self.rank), {"policy": state.pop("policy"), "rng": state["rng"],
+                                                              "world_size": self.world_size})
+                if self.is_main:
+                    save_checkpoint(path, state)
+                dist_utils.barrier()
+            else:
                 save_checkpoint(path, state)
-            dist_utils.barrier()
-            return path
-        return save_checkpoint(path, state)
+        except NonFiniteCheckpointError as exc:
+            raise FloatingPointError(f"training diverged by epoch {self.epoch}: {exc}; lower the learning rate or "
+                                     f"check the data; {self._last_checkpoint_note()}") from exc
+        if main_path is not None and path == main_path:
+            self._checkpoint_epoch = self.epoch
+        return path
+
+    def _last_checkpoint_note(self) -> str:
+        """Which epoch the run's checkpoint file holds, for error messages."""
+        if self.run_dir is None:
+            return "no checkpoint is kept (the Trainer has no run_dir)"
+        path = self.run_dir / CHECKPOINT_NAME
+        if self._checkpoint_epoch is None:
+            return f"this run has not written {path} yet"
+        return f"the last finite checkpoint, {path}, holds epoch {self._checkpoint_epoch}"
 
     def _resume(self, resume: Union[bool, str, Path]) -> None:
         if resume is True:
@@ -320,9 +393,11 @@ class Trainer:
             path = self.run_dir / CHECKPOINT_NAME
         else:
             path = Path(resume)  # type: ignore[arg-type]
-        state = load_checkpoint(path, map_location=self.device)
+        # Loaded on the CPU: the RNG states must stay there, and the model,
+        # optimizer and policy copy their tensors onto the device themselves.
+        state = load_checkpoint(path, map_location="cpu")
         if self.distributed:
-            part = load_checkpoint(_rank_path(path, self.rank), map_location=self.device)
+            part = load_checkpoint(_rank_path(path, self.rank), map_location="cpu")
             if int(part["world_size"]) != self.world_size:
                 raise CheckpointError(f"{path} was written by {part['world_size']} processes; "
                                       f"resume it with the same number, not {self.world_size}")
@@ -331,8 +406,13 @@ class Trainer:
         diffs = {k: (saved[k], v) for k, v in self.config().items() if k in saved and saved[k] != v}
         if diffs:
             warnings.warn(f"resuming {path} with settings that differ from the checkpoint's (saved, now): {diffs}",
-                          stacklevel=3)
-        self.load_state_dict(state)
+                          stacklevel=4)
+        try:
+            self.load_state_dict(state)
+        except CheckpointError as exc:
+            raise CheckpointError(f"cannot resume from {path}: {exc}") from exc
+        if self.run_dir is not None and path == self.run_dir / CHECKPOINT_NAME:
+            self._checkpoint_epoch = self.epoch
 
     # -------------------------------------------------------------- evaluation
     def evaluate(self, images: Tensor, labels: Tensor) -> Dict[str, float]:
@@ -354,7 +434,8 @@ class Trainer:
         return out
 
     # ------------------------------------------------------------------- loop
-    def fit(self, train: Any, eval_data: Any = None, *, resume: Union[bool, str, Path, None] = None) -> History:
+    def fit(self, train: Any, eval_data: Any = None, *, resume: Union[bool, str, Path, None] = None,
+            init_weights: Union[str, Path, None] = None) -> History:
         """Train for the configured epochs and return the history.
 
         ``train``: a :class:`~advtrain.data.DeviceLoader`, or anything it
@@ -362,8 +443,35 @@ class Trainer:
         ``(image, label)`` dataset), wrapped with ``batch_size``, shuffling and
         pad-4 crop + flip. ``eval_data``: images for evaluation, in any form
         :func:`~advtrain.data.as_tensors` accepts. ``resume``: ``True`` for
-        ``run_dir/checkpoint.pt`` or a checkpoint path.
+        ``run_dir/checkpoint.pt`` or a checkpoint path; a checkpoint of
+        another method (policy type) is refused. ``init_weights``: a
+        checkpoint path (of any method) whose model weights start this fresh
+        run; nothing else is taken from it.
+
+        Before the first step, one no-grad forward pass on a few training
+        images (in eval mode; parameters, buffers, flags and the RNG state
+        are left as they were) checks the model's outputs: a training label
+        >= their number raises ``ValueError``, and outputs that look like
+        probabilities rather than logits give one ``UserWarning``.
+
+        With ``run_dir``, the directory is locked while ``fit`` runs (rank 0
+        holds the lock in a distributed run; see
+        :mod:`advtrain.training.run_lock`): another training into it raises
+        :class:`~advtrain.training.run_lock.RunLockError`. Once the lock is
+        held, temporary files left there by interrupted writes are removed.
         """
+        if resume and init_weights is not None:
+            raise ValueError("resume and init_weights exclude each other: resume continues a run from its "
+                             "checkpoint, init_weights starts a fresh run from a checkpoint's model weights")
+        if self.run_dir is None or not self.is_main:
+            return self._fit(train, eval_data, resume, init_weights)
+        with lock_run_dir(self.run_dir):
+            remove_stale_temp_files(self.run_dir)
+            return self._fit(train, eval_data, resume, init_weights)
+
+    def _fit(self, train: Any, eval_data: Any, resume: Union[bool, str, Path, None],
+             init_weights: Union[str, Path, None]) -> History:
+        self._checkpoint_epoch = None
         if self.seed is not None:
             torch.manual_seed(self.seed + self.rank)
         self.loader = loader = self._make_loader(train)
@@ -381,6 +489,8 @@ class Trainer:
                                 device=self.device, shard=self.rank, num_shards=self.world_size)
         self.policy.setup(self.model, context)
         self.stop_training = False
+        if init_weights is not None:
+            self._init_weights(Path(init_weights))
         if resume:
             self._resume(resume)
         elif self.history.path is not None:
@@ -436,7 +546,8 @@ class Trainer:
             pert = self.policy.perturb(self.forward_model, batch)
             with perturb_sites(self.model, pert.sites):
                 logits = self.train_model(pert.x)
-        loss = F.cross_entropy(logits.float(), batch.y)
+        # The loss in at least float32: bf16 logits are widened, float64 ones kept.
+        loss = F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), batch.y)
         loss.backward()
         self.optimizer.step()
         self.policy.after_step(self.forward_model, batch, pert)
@@ -447,7 +558,13 @@ class Trainer:
         if not math.isfinite(loss):
             raise FloatingPointError(
                 f"training loss became non-finite in epoch {epoch + 1} by step {step}; lower the learning rate "
-                f"or check the data (the last checkpoint is kept in {self.run_dir})")
+                f"or check the data; {self._last_checkpoint_note()}")
+
+    def _loss_sum_everywhere(self, loss_sum: Tensor) -> float:
+        """The epoch's loss sum so far, summed over ranks: one host sync."""
+        if not self.distributed:
+            return float(loss_sum)
+        return float(dist_utils.all_reduce_sum(loss_sum.detach().clone()))
 
     def _train_epoch(self, loader: DeviceLoader, epoch: int) -> Dict[str, Any]:
         steps = len(loader)
@@ -467,8 +584,12 @@ class Trainer:
             correct += n_correct
             seen += len(batch)
             self.global_step += 1
+            # loss_sum is the divergence flag kept on the device: the
+            # cross-entropy is >= 0, so the sum is finite while every loss is.
+            if (i + 1) % FINITE_CHECK_STEPS == 0:
+                self._check_finite(self._loss_sum_everywhere(loss_sum), epoch, i + 1)
             if self.progress and ((i + 1) % log_every == 0 or i + 1 == steps):
-                mean_loss = float(loss_sum) / seen  # host sync only where progress is shown
+                mean_loss = float(loss_sum) / seen  # a host sync for the progress bar
                 self._check_finite(mean_loss, epoch, i + 1)
                 bar.update(i + 1 - bar.count, loss=mean_loss, acc=float(correct) / seen, lr=lr)
         if self.device.type == "cuda":
