@@ -57,7 +57,9 @@ def check_labels(y: object, batch_size: int, num_classes: Optional[int] = None, 
 
 
 def check_radius(eps: object, name: str = "eps") -> Radius:
-    """Check that a radius (ε or a step size) is finite and non-negative."""
+    """Check that a step size, learning rate, decay or other scalar (which may
+    exceed 1) is finite and non-negative; a perturbation radius ε goes through
+    :func:`check_eps`, which also bounds it."""
     if isinstance(eps, Tensor):
         if not eps.is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor, got dtype {eps.dtype}")
