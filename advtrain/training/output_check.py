@@ -2,6 +2,8 @@
 the model has no logit for, and probabilities where the losses expect logits."""
 from __future__ import annotations
 
+import os
+import sys
 import warnings
 from typing import Union
 
@@ -51,7 +53,19 @@ def check_model_outputs(model: nn.Module, images: Tensor, max_label: int,
             "the model's outputs look like probabilities, not logits: on training images every output row is "
             "non-negative and sums to 1. The training loss and the attacks' losses (cross-entropy, DLR, "
             "margin) assume logits and apply their own softmax or compare raw scores, so on probabilities they "
-            "compute something else; return logits (drop the final softmax)", UserWarning, stacklevel=3)
+            "compute something else; return logits (drop the final softmax)", UserWarning,
+            stacklevel=_caller_outside_advtrain())
+
+
+def _caller_outside_advtrain() -> int:
+    """The ``stacklevel`` for a warning issued by this function's caller that
+    points at the first frame outside the advtrain package (the user's call
+    of ``fit``), however many advtrain frames lie between."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 __all__ = ["check_model_outputs", "PROBE_EXAMPLES"]
