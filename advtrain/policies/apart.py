@@ -72,6 +72,10 @@ class APARTPolicy(PerturbationPolicy):
        (triangular LR 0 → ``lr`` → 0 over the run, momentum cycled 0.9 → 0.8 →
        0.9, weight decay ``weight_decay`` pulling them toward zero).
 
+    The step sizes are kept in the model weights' dtype, at least float32, and
+    both passes' losses in the logits' dtype, at least float32: a float64 model
+    trained on float64 batches runs the whole step in float64.
+
     Args:
         eps: L∞ radius of the input perturbation, pixel units, at most 1
             (0.031 in the reference training runs).
@@ -141,15 +145,21 @@ class APARTPolicy(PerturbationPolicy):
                     attach_sites(model, missing)
                 self.site_names = list(self.site_names_requested)
         # One probe pass gives the per-example activation shapes at the sites,
-        # and their dtypes under the autocast state of setup.
-        probe = torch.zeros((1,) + tuple(context.image_shape), device=device)
+        # and their dtypes under the autocast state of setup. The probe image
+        # has the dtype of the model's weights (float64 models take float64).
+        weight = next((p for p in model.parameters() if p.is_floating_point()), None)
+        weight_dtype = weight.dtype if weight is not None else torch.float32
+        probe = torch.zeros((1,) + tuple(context.image_shape), device=device, dtype=weight_dtype)
         acts = self._probe_sites(model, probe) if self.site_names else {}
         self.site_shapes = [acts[name].shape[1:] for name in self.site_names]
         self._site_dtypes: Dict[Optional[torch.dtype], List[torch.dtype]] = {
             _autocast_dtype(device.type): [acts[name].dtype for name in self.site_names]}
-        self.alpha = torch.tensor(self.init_step, device=device, requires_grad=True)
-        self.alpha_init = torch.tensor(self.init_scale, device=device, requires_grad=True)
-        self.alpha_sites = torch.full((len(self.site_names),), self.site_init, device=device, requires_grad=True)
+        # The step sizes in the weights' precision, at least float32.
+        scalar = torch.promote_types(weight_dtype, torch.float32)
+        self.alpha = torch.tensor(self.init_step, device=device, dtype=scalar, requires_grad=True)
+        self.alpha_init = torch.tensor(self.init_scale, device=device, dtype=scalar, requires_grad=True)
+        self.alpha_sites = torch.full((len(self.site_names),), self.site_init, device=device, dtype=scalar,
+                                      requires_grad=True)
         self.optimizer = torch.optim.SGD(self.parameters(), lr=0.0, momentum=self.momentum,
                                          weight_decay=self.weight_decay, maximize=True)
         self.store = PerExampleStore.for_context(context, self.store_dtype)
@@ -183,6 +193,7 @@ class APARTPolicy(PerturbationPolicy):
         assert self.store is not None, "APARTPolicy.setup must run before perturb"
         x, y = batch.x, batch.y
         omega = self.store.read(batch.index, batch.aug)
+        omega = omega.to(torch.promote_types(omega.dtype, x.dtype))  # δ₀ in float64 for float64 batches
         delta0 = torch.clamp(self.alpha_init * omega, -self.eps, self.eps)
         x0 = torch.clamp(x + delta0, 0.0, 1.0)
         x0_leaf = x0.detach().requires_grad_(True)
@@ -194,7 +205,8 @@ class APARTPolicy(PerturbationPolicy):
         probes = [torch.zeros((x.shape[0],) + tuple(shape), device=x.device, dtype=dtype, requires_grad=True)
                   for shape, dtype in zip(self.site_shapes, self._activation_dtypes(model, x))]
         with model_mode(model, "train"), perturb_sites(_plain_module(model), dict(zip(self.site_names, probes))):
-            loss1 = F.cross_entropy(model(x0_leaf).float(), y)
+            logits = model(x0_leaf)
+            loss1 = F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), y)
         grads = torch.autograd.grad(loss1, [x0_leaf] + probes)
         delta = torch.clamp(delta0 + self.alpha * grads[0].sign(), -self.eps, self.eps)
         x1 = torch.clamp(x + delta, 0.0, 1.0)
@@ -239,6 +251,7 @@ class APARTPolicy(PerturbationPolicy):
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         assert self.store is not None, "APARTPolicy.setup must run before load_state_dict"
+        super().load_state_dict(state)
         if list(state["site_names"]) != self.site_names:
             raise ValueError(f"checkpoint APART sites {state['site_names']} differ from this run's {self.site_names}")
         with torch.no_grad():

@@ -44,8 +44,8 @@ METRICS_NAME = "metrics.jsonl"
 FINITE_CHECK_STEPS = 50
 #: Keys every Trainer checkpoint holds.
 STATE_KEYS = ("epoch", "global_step", "model", "optimizer", "policy", "history", "rng")
-_WEIGHTS_ONLY_HINT = ("to start a fresh run from its model weights alone, pass init_weights=CHECKPOINT to "
-                      "Trainer.fit (--init-weights CHECKPOINT on the command line)")
+_WEIGHTS_ONLY_HINT = ("to start a fresh run from its model weights alone, use --init-weights CHECKPOINT "
+                      "(in Python: Trainer.fit(..., init_weights=CHECKPOINT))")
 
 
 def pgd20(eps: float = 8 / 255) -> PGD:
@@ -297,8 +297,8 @@ class Trainer:
         self._load_model(state)
         saved_policy, policy = state.get("policy_type"), type(self.policy).__name__
         if saved_policy is not None and saved_policy != policy:
-            raise CheckpointError(f"the checkpoint was written by a run with {saved_policy}, this run uses {policy}: "
-                                  f"resume it with the same method, or {_WEIGHTS_ONLY_HINT}")
+            raise CheckpointError(f"the checkpoint was written by a {saved_policy} run and this run uses {policy}; "
+                                  f"resume with the same method, or {_WEIGHTS_ONLY_HINT}")
         self.optimizer.load_state_dict(state["optimizer"])
         try:
             self.policy.load_state_dict(state["policy"])
