@@ -316,6 +316,7 @@ TRAINER_FIELDS: Dict[str, Callable[[Any], Any]] = {
     "epochs": lambda t: t.epochs, "batch_size": lambda t: t.batch_size, "lr": lambda t: t.lr,
     "momentum": lambda t: t.momentum, "weight_decay": lambda t: t.weight_decay,
     "schedule": lambda t: "cyclic" if _schedule_is_cyclic(t) else "other",
+    "pad_fill": lambda t: t.pad_fill,
 }
 ATTACK_FIELDS: Dict[str, Callable[[Any], Any]] = {
     "eps": lambda t: t.policy.attack.eps, "step_size": lambda t: t.policy.attack.step_size,
@@ -326,6 +327,7 @@ ATTACK_FIELDS: Dict[str, Callable[[Any], Any]] = {
 METHOD_FIELDS: Dict[str, Dict[str, Callable[[Any], Any]]] = {
     "fgsm": ATTACK_FIELDS, "fgsm_rs": ATTACK_FIELDS, "nfgsm": ATTACK_FIELDS, "pgd": ATTACK_FIELDS,
     "atta": {**ATTACK_FIELDS, "reset_every": lambda t: t.policy.reset_every,
+             "reset_schedule": lambda t: t.policy.reset_schedule, "init": lambda t: t.policy.init,
              "store_dtype": lambda t: t.policy.store_dtype},
     "apart": {"eps": lambda t: t.policy.eps, "layerwise": lambda t: t.policy.layerwise,
               "init_step": lambda t: t.policy.init_step, "init_scale": lambda t: t.policy.init_scale,
