@@ -29,7 +29,6 @@ from __future__ import annotations
 import math
 from typing import Dict, List
 
-import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -44,7 +43,7 @@ LR, WEIGHT_DECAY = 0.2, 2e-4  # the reference's model optimizer: peak LR and dec
 STEP_LR, STEP_DECAY = 1e-4, 1200.0  # the step sizes' peak LR (larger than 5e-8: visible in two steps) and decay
 ALPHA, ALPHA_OMEGA = 0.02, 0.04  # with |ω| up to 1 both ε-clamps (of δ₀ and of δ) act
 ALPHA_SITES = [0.004 * (i + 1) for i in range(8)]
-N, BATCH, PAD = 16, 8, 4
+N, BATCH, PAD = 8, 4, 4
 
 
 # ------------------------------------------------------------------------- the reference network
