@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
 
+from .atomic import atomic_write_text
+
 
 def _clean(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
@@ -35,15 +37,11 @@ class History(Sequence[Dict[str, Any]]):
 
     def rewrite(self) -> None:
         """Make the file hold exactly the in-memory records (used on resume,
-        dropping epochs recorded after the checkpoint being resumed)."""
+        dropping epochs recorded after the checkpoint being resumed), replacing
+        it atomically through a uniquely named temporary file."""
         if self.path is None:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "w") as f:
-            for r in self.records:
-                f.write(json.dumps(r) + "\n")
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.records), what="metrics file")
 
     def column(self, key: str) -> List[Any]:
         """Values of ``key`` per epoch (None where an epoch lacks it)."""
