@@ -126,6 +126,7 @@ class ATTAPolicy(PerturbationPolicy):
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         assert self.store is not None, "ATTAPolicy.setup must run before load_state_dict"
+        super().load_state_dict(state)
         self.store.load_state_dict(state["store"])
 
     def __repr__(self) -> str:

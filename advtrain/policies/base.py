@@ -99,9 +99,23 @@ class PerturbationPolicy(abc.ABC):
         return {}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict`'s output (after :meth:`setup`)."""
-        if state:
-            raise ValueError(f"{type(self).__name__} has no state, got keys {sorted(state)}")
+        """Restore :meth:`state_dict`'s output (after :meth:`setup`).
+
+        This base version checks that ``state`` has exactly the keys of this
+        policy's :meth:`state_dict` and raises a ``ValueError`` naming the
+        missing and unexpected ones (a state of another policy type, or an
+        incomplete one); policies with state call it before loading."""
+        if not isinstance(state, Mapping):
+            raise TypeError(f"{type(self).__name__} state must be a mapping, got {type(state).__name__}")
+        expected, given = set(self.state_dict()), set(state)
+        problems = []
+        if expected - given:
+            problems.append(f"missing keys {sorted(map(str, expected - given))}")
+        if given - expected:
+            problems.append(f"unexpected keys {sorted(map(str, given - expected))}")
+        if problems:
+            raise ValueError(f"the state does not fit {type(self).__name__} ({'; '.join(problems)}): "
+                             "it was saved by another perturbation policy, or is incomplete")
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"

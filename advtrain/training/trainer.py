@@ -297,7 +297,7 @@ class Trainer:
         self._load_model(state)
         saved_policy, policy = state.get("policy_type"), type(self.policy).__name__
         if saved_policy is not None and saved_policy != policy:
-            raise CheckpointError(f"the checkpoint was written by a {saved_policy} run and this run uses {policy}; "
+            raise CheckpointError(f"the checkpoint was written with {saved_policy} and this run uses {policy}; "
                                   f"resume with the same method, or {_WEIGHTS_ONLY_HINT}")
         self.optimizer.load_state_dict(state["optimizer"])
         try:
