@@ -1,8 +1,10 @@
 """Evaluation: clean and robust accuracy, the protocol's attack suites with a
-per-example worst case, and gradient-masking sanity checks."""
+per-example worst case, the threat-model check of every adversarial batch,
+and gradient-masking sanity checks."""
 from .accuracy import accuracy, correct_predictions
 from .evaluator import SUITES, EvaluationReport, attack_suite, evaluate
-from .masking import GradientMaskingWarning, MaskingWarning, check_gradient_masking
+from .masking import CHEAP_CHECKS, CHECKS, GradientMaskingWarning, MaskingWarning, check_gradient_masking
+from .threat_model import ThreatModelError
 
 __all__ = [
     "accuracy",
@@ -14,4 +16,7 @@ __all__ = [
     "check_gradient_masking",
     "MaskingWarning",
     "GradientMaskingWarning",
+    "CHECKS",
+    "CHEAP_CHECKS",
+    "ThreatModelError",
 ]

@@ -1,9 +1,13 @@
 """Robust accuracy over a set of attacks, with a per-example worst case.
 
-:func:`evaluate` is the evaluation protocol of DESIGN.md §5: clean accuracy,
-then each attack of a suite, and the robust accuracy as a *worst case over
-attacks per example* — an example counts as robust only when it is classified
-correctly clean and under every attack. Accuracies are fractions in [0, 1].
+:func:`evaluate` is advtrain's evaluation protocol: clean accuracy, then each
+attack of a suite, and the robust accuracy as a *worst case over attacks per
+example* — an example counts as robust only when it is classified correctly
+clean and under every attack. Accuracies are fractions in [0, 1]. Around the
+attacks it keeps three guard rails: the model's parameters and buffers are
+put back after every attack, every adversarial batch is checked against the
+declared threat model, and the AutoAttack suites run the cheap
+gradient-masking checks first.
 """
 from __future__ import annotations
 
@@ -15,14 +19,21 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from .._validation import check_eps, check_images, check_positive_int
+from .._validation import check_choice, check_eps, check_positive_int
 from ..attacks.apgd import APGD
 from ..attacks.base import Attack, model_mode
 from ..attacks.pgd import PGD
-from ..data.loader import as_tensors
 from ..training.progress import ProgressBar
+from .inputs import image_label_tensors as _as_image_label_tensors
+from .masking import CHEAP_CHECKS, MaskingWarning, check_gradient_masking
+from .state import ModelSnapshot
+from .threat_model import NORMS, check_threat_model, threat_model_stats
 
 SUITES = ("pgd20", "cw", "autoattack", "full")
+MASKING_SUITES = ("autoattack", "full")
+"""The suites that run :data:`~advtrain.evaluation.masking.CHEAP_CHECKS` by default."""
+MASKING_EXAMPLES = 200
+"""How many of the first examples the gradient-masking checks look at."""
 AttackSpec = Union[str, Sequence[Attack], Mapping[str, Attack]]
 """A suite name (``"pgd20"``, ``"cw"``, ``"autoattack"``, ``"full"``), a list of
 attacks (named by class, numbered when repeated) or a dict name -> attack."""
@@ -56,8 +67,11 @@ def attack_suite(name: str, eps: float = 8 / 255) -> Dict[str, Attack]:
     return suites[name]
 
 
-def _named_attacks(attacks: AttackSpec, eps: float) -> Dict[str, Attack]:
+def _named_attacks(attacks: AttackSpec, eps: float, norm: str) -> Dict[str, Attack]:
     if isinstance(attacks, str):
+        if norm != "linf":
+            raise ValueError(f"the suites are L∞ attacks, so a suite name needs norm='linf', got norm={norm!r}; "
+                             "give your own attacks for another norm")
         return attack_suite(attacks, eps)
     named: Dict[str, Any]
     if isinstance(attacks, Mapping):
@@ -84,22 +98,6 @@ def _named_attacks(attacks: AttackSpec, eps: float) -> Dict[str, Attack]:
     return named
 
 
-def _as_image_label_tensors(data: Any) -> Tuple[Tensor, Tensor]:
-    """``(images, labels)``: images uint8 or float pixels in [0, 1] as given for
-    a pair of tensors, otherwise through :func:`advtrain.data.as_tensors`."""
-    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, Tensor) for t in data):
-        images, labels = data
-        if images.dtype != torch.uint8:
-            check_images(images, "images")
-        if labels.dim() != 1 or labels.shape[0] != images.shape[0] or labels.is_floating_point():
-            raise ValueError(f"labels must be an integer tensor of shape ({images.shape[0]},) to match the images, "
-                             f"got {labels.dtype} {tuple(labels.shape)}")
-        if labels.numel() and int(labels.min()) < 0:
-            raise ValueError(f"labels must be class indices >= 0, got a minimum of {int(labels.min())}")
-        return images, labels.long()
-    return as_tensors(data)
-
-
 @dataclass
 class EvaluationReport:
     """The result of :func:`evaluate`; accuracies are fractions in [0, 1].
@@ -111,8 +109,10 @@ class EvaluationReport:
     after that attack and all before it, with ``sequential=False`` the attack's
     own. ``clean_correct``, ``robust_correct`` and ``per_attack_correct``: the
     same per example, as CPU bool tensors of shape (n_examples,).
-    ``seconds``: wall time per attack. ``eps``: the radius of the suites
-    (attacks given as objects carry their own).
+    ``seconds``: wall time per attack. ``eps`` and ``norm``: the declared
+    threat model (pixel units), which every attack's output was checked
+    against. ``masking_checks``: the gradient-masking checks that ran (empty
+    when none did); ``masking_findings``: those that fired.
     """
 
     clean_accuracy: float
@@ -126,18 +126,25 @@ class EvaluationReport:
     sequential: bool
     seconds: Dict[str, float] = field(default_factory=dict)
     attacks: Dict[str, str] = field(default_factory=dict)
+    norm: str = "linf"
+    masking_checks: Tuple[str, ...] = ()
+    masking_findings: List[MaskingWarning] = field(default_factory=list)
 
     def to_dict(self) -> Dict[str, Any]:
         """Plain, JSON-serializable summary (no per-example tensors)."""
         return {
             "n_examples": self.n_examples,
             "eps": self.eps,
+            "norm": self.norm,
             "clean_accuracy": self.clean_accuracy,
             "robust_accuracy": self.robust_accuracy,
             "per_attack": dict(self.per_attack),
             "sequential": self.sequential,
             "seconds": dict(self.seconds),
             "attacks": dict(self.attacks),
+            "masking_checks": list(self.masking_checks),
+            "masking_findings": [{"check": f.check, "message": f.message, "value": f.value,
+                                  "threshold": f.threshold} for f in self.masking_findings],
         }
 
     def __str__(self) -> str:
@@ -147,8 +154,15 @@ class EvaluationReport:
         width = max(len(r[0]) for r in rows)
         how = ("each attack ran on the examples still robust; accuracies are cumulative" if self.sequential
                else "each attack ran on every clean-correct example")
-        lines = [f"Evaluation on {self.n_examples} examples, eps = {self.eps * 255:.4g}/255 ({how})"]
+        radius = f"L∞ eps = {self.eps * 255:.4g}/255" if self.norm == "linf" else f"L2 eps = {self.eps:.4g}"
+        lines = [f"Evaluation on {self.n_examples} examples, {radius} ({how})"]
         lines += [f"  {name:<{width}}  {100 * acc:6.2f}%  {extra}".rstrip() for name, acc, extra in rows]
+        if self.masking_checks:
+            ran = ", ".join(self.masking_checks)
+            lines.append(f"gradient-masking checks ({ran}): "
+                         + ("nothing found" if not self.masking_findings else
+                            f"{len(self.masking_findings)} fired, the robust accuracy is not to be trusted"))
+            lines += [f"  {f.check}: {f.message}" for f in self.masking_findings]
         return "\n".join(lines)
 
 
@@ -158,14 +172,36 @@ def evaluate(
     attacks: AttackSpec = "pgd20",
     *,
     eps: float = 8 / 255,
+    norm: str = "linf",
     batch_size: int = 256,
     n_examples: Optional[int] = None,
     device: Union[str, torch.device, None] = None,
     progress: bool = True,
     autocast_dtype: Optional[torch.dtype] = None,
     sequential: bool = True,
+    masking_checks: Optional[bool] = None,
 ) -> EvaluationReport:
     """Clean and robust accuracy of ``model`` (in eval mode, restored after).
+
+    Guard rails:
+
+    * the model's parameters and buffers are copied at the start and copied
+      back after every attack call, so an attack that writes them (one in
+      ``bn_mode="train"`` updates BatchNorm running statistics) changes
+      neither what is reported nor the model handed back. Cost: one copy of
+      the parameters and buffers in device memory and one device-to-device
+      copy of them per attack per batch, small next to an attack's passes;
+    * every adversarial batch is checked against the declared threat model
+      — within ``eps`` in ``norm`` of the clean images and inside [0, 1], up
+      to float32 rounding (a relative 1e-6 of ε plus one float32 ulp per
+      pixel) — with one host synchronisation per batch; an attack that
+      leaves it raises :class:`~advtrain.evaluation.threat_model.ThreatModelError`
+      (a ``ValueError``) naming the attack, and nothing is reported;
+    * with ``masking_checks`` the cheap gradient-masking checks
+      (probability outputs, zero input gradients, randomized outputs; no
+      attack) run on the first 200 examples before the attacks; their
+      findings are in the report and emitted as
+      :class:`~advtrain.evaluation.GradientMaskingWarning`.
 
     Args:
         model: classifier taking pixels in [0, 1] (N, C, H, W), returning logits.
@@ -173,7 +209,11 @@ def evaluate(
             in [0, 1], NCHW — or anything :func:`advtrain.data.as_tensors` accepts.
         attacks: a suite name (see :func:`attack_suite`), a list of attacks or a
             dict name -> attack; run in the given order.
-        eps: L∞ radius of the suites, pixel units, at most 1 (8/255, not 8).
+        eps: radius of the threat model, pixel units: the suites' L∞ radius
+            (at most 1: 8/255, not 8), and the bound every attack's output is
+            checked against.
+        norm: the threat model's norm, ``"linf"`` or ``"l2"``; the suites
+            need ``"linf"``.
         batch_size: examples per batch.
         n_examples: evaluate the first ``n_examples`` only (``None``: all).
         device: where to run (default: the model's device).
@@ -187,6 +227,9 @@ def evaluate(
             cumulative accuracies. ``False`` runs every attack on every
             example classified correctly clean and reports each attack's own
             accuracy.
+        masking_checks: run the cheap gradient-masking checks first;
+            ``None`` (the default) runs them for the ``"autoattack"`` and
+            ``"full"`` suites only.
 
     Returns:
         An :class:`EvaluationReport`.
@@ -194,7 +237,12 @@ def evaluate(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     eps = float(check_eps(eps, "linf", "eps"))
-    named = _named_attacks(attacks, eps)
+    norm = check_choice(norm, "norm", NORMS)
+    named = _named_attacks(attacks, eps, norm)
+    if masking_checks is None:
+        masking_checks = isinstance(attacks, str) and attacks in MASKING_SUITES
+    elif not isinstance(masking_checks, bool):
+        raise TypeError(f"masking_checks must be True, False or None, got {type(masking_checks).__name__}")
     batch_size = check_positive_int(batch_size, "batch_size")
     images, labels = _as_image_label_tensors(data)
     if n_examples is not None:
@@ -206,6 +254,14 @@ def evaluate(
         device = param.device if param is not None else torch.device("cpu")
     device = torch.device(device)
 
+    snapshot = ModelSnapshot(model)
+    findings: List[MaskingWarning] = []
+    ran_checks = CHEAP_CHECKS if masking_checks and n > 0 else ()
+    if ran_checks:
+        with snapshot:
+            findings = check_gradient_masking(model, images, labels, checks=ran_checks, n_examples=MASKING_EXAMPLES,
+                                              batch_size=batch_size, device=device)
+    n_pixels = math.prod(images.shape[1:])
     clean_parts: List[Tensor] = []
     robust_parts: List[Tensor] = []
     attack_parts: Dict[str, List[Tensor]] = {name: [] for name in named}
@@ -213,8 +269,8 @@ def evaluate(
     n_batches = max(1, math.ceil(n / batch_size))
     bar = ProgressBar(n_batches, "evaluate", enabled=progress)
     n_clean = n_robust = 0
-    with model_mode(model, "eval"), torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16,
-                                                   enabled=autocast_dtype is not None):
+    with snapshot, model_mode(model, "eval"), torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16,
+                                                             enabled=autocast_dtype is not None):
         for start in range(0, n, batch_size):
             x = images[start:start + batch_size].to(device, non_blocking=True)
             x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()
@@ -225,12 +281,16 @@ def evaluate(
                 raise ValueError(f"labels hold class {int(y.max())} but the model returns {logits.shape[1]} logits")
             clean = logits.argmax(1) == y
             robust = clean
+            stats: Dict[str, Tensor] = {}
             for name, attack in named.items():
                 t0 = time.perf_counter()
                 idx = (robust if sequential else clean).nonzero().squeeze(1)
                 correct = torch.zeros_like(clean)
                 if idx.numel() > 0:
-                    x_adv = attack.run(model, x[idx], y[idx], check=False)
+                    x_clean = x[idx]
+                    x_adv = attack.run(model, x_clean, y[idx], check=False)
+                    snapshot.restore()
+                    stats[name] = threat_model_stats(x_clean, x_adv, norm)
                     with torch.no_grad():
                         correct[idx] = model(x_adv).argmax(1) == y[idx]
                 robust = robust & correct
@@ -238,6 +298,7 @@ def evaluate(
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 seconds[name] += time.perf_counter() - t0
+            check_threat_model(stats, eps, norm, n_pixels)
             clean_parts.append(clean.cpu())
             robust_parts.append(robust.cpu())
             n_clean += int(clean_parts[-1].sum())
@@ -266,7 +327,11 @@ def evaluate(
         sequential=bool(sequential),
         seconds=seconds,
         attacks={name: repr(attack) for name, attack in named.items()},
+        norm=norm,
+        masking_checks=ran_checks,
+        masking_findings=findings,
     )
 
 
-__all__ = ["evaluate", "attack_suite", "EvaluationReport", "SUITES", "AttackSpec"]
+__all__ = ["evaluate", "attack_suite", "EvaluationReport", "SUITES", "MASKING_SUITES", "MASKING_EXAMPLES",
+           "AttackSpec"]

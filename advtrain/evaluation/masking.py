@@ -4,16 +4,22 @@ A defence that *masks* gradients (quantized or otherwise non-differentiable
 inputs, saturated softmax outputs, shattered or deceptive gradients) makes
 gradient attacks fail without making the model robust, so its robust accuracy
 is an overestimate. :func:`check_gradient_masking` runs the symptom checks of
-Carlini et al. 2019 ("On Evaluating Adversarial Robustness") and Athalye et
-al. 2018 ("Obfuscated Gradients Give a False Sense of Security") that need no
-extra attack machinery:
+Carlini et al. 2019 ("On Evaluating Adversarial Robustness"), Athalye et
+al. 2018 ("Obfuscated Gradients Give a False Sense of Security") and
+AutoAttack (Croce & Hein 2020) that need no extra attack machinery:
 
 1. a stronger attack (more steps, more restarts) must not leave a higher
    robust accuracy;
 2. uniform random noise in the ε-ball must not fool examples that the
    gradient attacks could not;
 3. few examples may have an all-zero or non-finite input gradient;
-4. the model must return logits, not probabilities.
+4. the model must return logits, not probabilities;
+5. the model must be deterministic in eval mode: a randomized model needs
+   attacks with expectation over transformation (EOT).
+
+Checks 3 to 5 cost a few forward passes and one backward pass per example
+(:data:`CHEAP_CHECKS`); :func:`advtrain.evaluation.evaluate` runs them by
+default for the AutoAttack suites.
 
 Each finding is returned as a :class:`MaskingWarning` and emitted with
 :func:`warnings.warn` as a :class:`GradientMaskingWarning`. A clean bill is no
@@ -32,7 +38,18 @@ from torch import Tensor, nn
 from .._validation import check_eps, check_positive_int, looks_like_probabilities
 from ..attacks.base import model_mode
 from ..attacks.pgd import PGD
-from .evaluator import _as_image_label_tensors
+from .inputs import image_label_tensors
+
+CHEAP_CHECKS = ("probability_outputs", "zero_gradients", "randomized_outputs")
+"""The checks that run no attack: a few forward passes and one input-gradient
+backward pass per example."""
+ATTACK_CHECKS = ("more_steps", "more_restarts", "noise_beats_attack")
+"""The checks that compare PGD runs (and random noise) with each other."""
+CHECKS = CHEAP_CHECKS + ATTACK_CHECKS
+RANDOMIZED_TOLERANCE = 1e-4
+"""Largest L2 distance between two outputs of the same example, each scaled to
+unit L2 norm, that still counts as the same output (float nondeterminism of
+GPU kernels stays far below it)."""
 
 
 class GradientMaskingWarning(UserWarning):
@@ -43,8 +60,9 @@ class GradientMaskingWarning(UserWarning):
 class MaskingWarning:
     """One symptom of gradient masking.
 
-    ``check``: ``"more_steps"``, ``"more_restarts"``, ``"noise_beats_attack"``,
-    ``"zero_gradients"`` or ``"probability_outputs"``. ``message``: what was
+    ``check``: one of :data:`CHECKS` — ``"probability_outputs"``,
+    ``"zero_gradients"``, ``"randomized_outputs"``, ``"more_steps"``,
+    ``"more_restarts"``, ``"noise_beats_attack"``. ``message``: what was
     measured and what it means. ``value`` and ``threshold``: the measured
     quantity and the limit it exceeded (fractions of the examples checked).
     """
@@ -77,6 +95,8 @@ def check_gradient_masking(
     device: Union[str, torch.device, None] = None,
     seed: int = 0,
     warn: bool = True,
+    checks: Sequence[str] = CHECKS,
+    repeats: int = 5,
 ) -> List[MaskingWarning]:
     """Look for the symptoms of gradient masking on a sample of examples.
 
@@ -100,13 +120,24 @@ def check_gradient_masking(
       have an all-zero or non-finite cross-entropy input gradient at the clean
       image;
     * ``probability_outputs``: every output row is non-negative and sums to 1
-      (within 1e-3), i.e. the model returns probabilities, whose cross-entropy
-      gradients vanish.
+      (within 1e-3), i.e. the model returns probabilities; the attacks'
+      losses (cross-entropy, margin, DLR) are defined on logits, so on
+      probabilities they ascend another objective and the robust accuracy is
+      measured against the wrong loss;
+    * ``randomized_outputs``: ``repeats`` forward passes of the same images
+      in eval mode disagree — an output, scaled to unit L2 norm, moves by
+      more than :data:`RANDOMIZED_TOLERANCE`, or a prediction changes — on
+      any example (AutoAttack's test for randomized defences); such a model
+      needs EOT attacks.
 
-    Cost per example: ``steps[0] * (1 + restarts) + steps[1] + 1`` forward
-    and input-backward passes and about ``noise_samples + restarts + 4``
-    forward passes (111 and 19 with the defaults, on ``n_examples=200``
-    images).
+    ``checks`` selects which run (default: all of :data:`CHECKS`;
+    :data:`CHEAP_CHECKS` for the ones without attacks). Cost per example:
+    one forward pass for ``probability_outputs``, one forward and
+    input-backward pass for ``zero_gradients``, ``repeats - 1`` more forward
+    passes for ``randomized_outputs``; any of :data:`ATTACK_CHECKS` adds
+    ``steps[0] * (1 + restarts) + steps[1]`` forward and input-backward passes
+    and about ``noise_samples + restarts + 3`` forward passes (110 and 18
+    with the defaults), on ``n_examples=200`` images.
 
     Args:
         model: classifier taking pixels in [0, 1] and returning logits.
@@ -123,6 +154,9 @@ def check_gradient_masking(
         device: where to run (default: the model's device).
         seed: seed of the random starts and noise.
         warn: also emit each finding with :func:`warnings.warn`.
+        checks: names of the checks to run, from :data:`CHECKS`.
+        repeats: forward passes of the same images for ``randomized_outputs``
+            (>= 2).
 
     Returns:
         The findings (empty when no symptom was found).
@@ -140,7 +174,11 @@ def check_gradient_masking(
     tolerance = _check_fraction(tolerance, "tolerance")
     zero_grad_threshold = _check_fraction(zero_grad_threshold, "zero_grad_threshold")
     batch_size = check_positive_int(batch_size, "batch_size")
-    images, labels = _as_image_label_tensors((images, labels))
+    repeats = check_positive_int(repeats, "repeats", minimum=2)
+    if isinstance(checks, str) or not all(c in CHECKS for c in checks):
+        raise ValueError(f"checks must be a sequence of names from {', '.join(map(repr, CHECKS))}; got {checks!r}")
+    selected = set(checks)
+    images, labels = image_label_tensors((images, labels))
     if n_examples is not None:
         check_positive_int(n_examples, "n_examples")
         images, labels = images[:n_examples], labels[:n_examples]
@@ -165,15 +203,38 @@ def check_gradient_masking(
         outputs = torch.cat([_no_grad_forward(model, x) for x, _ in data]).float()
         if outputs.dim() != 2:
             raise ValueError(f"model must return (N, classes) outputs, got shape {tuple(outputs.shape)}")
-        if bool(looks_like_probabilities(outputs)):
+        if "probability_outputs" in selected and bool(looks_like_probabilities(outputs)):
             findings.append(MaskingWarning(
                 "probability_outputs",
                 "the model's outputs look like probabilities, not logits: every row is non-negative and sums "
-                "to 1. The cross-entropy of a softmax output saturates, so input gradients vanish and "
-                "gradient attacks stall (gradient masking). Return logits (drop the final softmax) for "
-                "training and evaluation.", 1.0, 1.0))
+                "to 1. The attacks' losses (cross-entropy, CW margin, DLR) are defined on logits; on "
+                "probabilities they ascend a different objective (the cross-entropy of a second softmax, "
+                "margins between probabilities), so the robust accuracy is measured against the wrong loss and "
+                "does not show what the threat model's attacks achieve. Return logits (drop the final "
+                "softmax) for training and evaluation.", 1.0, 1.0))
 
-        dead = torch.cat([_dead_gradients(model, x, y) for x, y in data]).float().mean().item()
+        if "randomized_outputs" in selected:
+            changed = torch.zeros(outputs.shape[0], dtype=torch.bool, device=outputs.device)
+            first = _unit_rows(outputs)
+            for _ in range(repeats - 1):
+                again = torch.cat([_no_grad_forward(model, x) for x, _ in data]).float()
+                changed |= (_unit_rows(again) - first).norm(dim=1) > RANDOMIZED_TOLERANCE
+                changed |= again.argmax(1) != outputs.argmax(1)
+            share = changed.float().mean().item()
+            if share > 0:
+                findings.append(MaskingWarning(
+                    "randomized_outputs",
+                    f"{repeats} forward passes of the same images in eval mode disagree on {share:.1%} of the "
+                    "examples: the model is randomized (random input transformations, noise, stochastic "
+                    "layers). Each attack step then follows the gradient of one random draw, so a plain "
+                    "gradient attack underestimates what an adversary achieves against the expected "
+                    "prediction. Evaluate with EOT (expectation over transformation: average the gradient "
+                    "over many draws per step), e.g. AutoAttack's version='rand', and report the accuracy "
+                    "over several draws.", share, 0.0))
+
+        dead = 0.0
+        if "zero_gradients" in selected:
+            dead = torch.cat([_dead_gradients(model, x, y) for x, y in data]).float().mean().item()
         if dead > zero_grad_threshold:
             findings.append(MaskingWarning(
                 "zero_gradients",
@@ -183,6 +244,8 @@ def check_gradient_masking(
                 "(quantization, rounding, JPEG), a saturated softmax or float overflow, detached operations. "
                 "Evaluate with BPDA or gradient-free attacks.", dead, zero_grad_threshold))
 
+        if selected.isdisjoint(ATTACK_CHECKS):
+            return _emitted(findings, warn)
         clean = (outputs.argmax(1) == torch.cat([y for _, y in data])).cpu()
         weak = PGD(eps, steps=weak_steps, random_start=True)
         strong = PGD(eps, steps=strong_steps, random_start=True)
@@ -192,14 +255,14 @@ def check_gradient_masking(
         robust_restarts = clean & _robust(model, data, restarted.run)
         acc_weak, acc_strong = _mean(robust_weak), _mean(robust_strong)
         acc_restarts = _mean(robust_restarts)
-        if acc_strong - acc_weak > tolerance:
+        if "more_steps" in selected and acc_strong - acc_weak > tolerance:
             findings.append(MaskingWarning(
                 "more_steps",
                 f"PGD-{strong_steps} leaves a higher robust accuracy ({acc_strong:.1%}) than PGD-{weak_steps} "
                 f"({acc_weak:.1%}), by more than the tolerance of {tolerance:.1%}. A stronger attack must not do "
                 "worse: the gradient does not lead to the adversarial examples (obfuscated, shattered or "
                 "deceptive gradients).", acc_strong - acc_weak, tolerance))
-        if acc_restarts - acc_weak > tolerance:
+        if "more_restarts" in selected and acc_restarts - acc_weak > tolerance:
             findings.append(MaskingWarning(
                 "more_restarts",
                 f"PGD-{weak_steps} with {restarts} restarts leaves a higher robust accuracy ({acc_restarts:.1%}) "
@@ -207,29 +270,39 @@ def check_gradient_masking(
                 "with the highest loss is not the one that fools the model, so the loss the attack ascends does "
                 "not track misclassification (gradient masking).", acc_restarts - acc_weak, tolerance))
 
+        if "noise_beats_attack" not in selected:
+            return _emitted(findings, warn)
         noise_fooled = torch.zeros_like(clean)
         for _ in range(noise_samples):
             noise_fooled |= ~_robust(model, data, _uniform_noise(eps))
-        beaten = clean & noise_fooled & robust_weak & robust_strong & robust_restarts
-        share = _mean(beaten)
-        if share > tolerance:
+        beaten = _mean(clean & noise_fooled & robust_weak & robust_strong & robust_restarts)
+        if beaten > tolerance:
             findings.append(MaskingWarning(
                 "noise_beats_attack",
-                f"uniform random noise in the eps-ball misclassifies {share:.1%} of the examples that every PGD "
+                f"uniform random noise in the eps-ball misclassifies {beaten:.1%} of the examples that every PGD "
                 f"attack left correct ({noise_samples} draws per example; tolerance {tolerance:.1%}). A gradient "
                 "attack should always beat random search: its gradients point away from the adversarial "
-                "examples (gradient masking).", share, tolerance))
+                "examples (gradient masking).", beaten, tolerance))
+    return _emitted(findings, warn)
 
+
+def _emitted(findings: List[MaskingWarning], warn: bool) -> List[MaskingWarning]:
+    """``findings``, each first emitted as a warning when ``warn``."""
     if warn:
         for finding in findings:
             warnings.warn(f"possible gradient masking ({finding.check}): {finding.message}",
-                          GradientMaskingWarning, stacklevel=2)
+                          GradientMaskingWarning, stacklevel=3)
     return findings
 
 
 def _no_grad_forward(model: nn.Module, x: Tensor) -> Tensor:
     with torch.no_grad():
         return model(x)
+
+
+def _unit_rows(outputs: Tensor) -> Tensor:
+    """Each row scaled to unit L2 norm, so the randomness test ignores scale."""
+    return outputs / (outputs.norm(dim=1, keepdim=True) + 1e-12)
 
 
 def _correct(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
@@ -261,4 +334,5 @@ def _mean(flags: Tensor) -> float:
     return float(flags.float().mean()) if flags.numel() else 0.0
 
 
-__all__ = ["check_gradient_masking", "MaskingWarning", "GradientMaskingWarning"]
+__all__ = ["check_gradient_masking", "MaskingWarning", "GradientMaskingWarning", "CHECKS", "CHEAP_CHECKS",
+           "ATTACK_CHECKS", "RANDOMIZED_TOLERANCE"]
