@@ -1,5 +1,6 @@
 """Atomic file writes: a crash or a full disk leaves either the old file or
-the new one, never a truncated file, and no temporary file behind."""
+the new one, never a truncated file. A failed write removes its temporary
+file; :func:`remove_stale_temp_files` clears those of killed processes."""
 from __future__ import annotations
 
 import errno

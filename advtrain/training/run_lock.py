@@ -46,6 +46,7 @@ class RunLock:
 
     @property
     def held(self) -> bool:
+        """Whether this object holds the lock."""
         return self._fd is not None
 
     def acquire(self) -> None:
@@ -55,13 +56,12 @@ class RunLock:
         if self.held:
             raise RuntimeError(f"{self.path} is already held by this RunLock")
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        fd, previous = self._acquire_flock() if fcntl is not None else self._acquire_exclusive()
+        self._fd, previous = self._acquire_flock() if fcntl is not None else self._acquire_exclusive()
         try:
-            _write_holder(fd)
+            _write_holder(self._fd)
         except BaseException:
-            os.close(fd)
+            self.release()
             raise
-        self._fd = fd
         if previous:
             warnings.warn(f"run directory {self.run_dir}: took over the lock left by {_describe(previous)}, "
                           "which ended without releasing it (killed?)", stacklevel=3)
@@ -125,13 +125,6 @@ class RunLock:
     def _busy_message(self, holder: Dict[str, Any]) -> str:
         return (f"run directory {self.run_dir} is in use by another training ({_describe(holder)}; lock file "
                 f"{self.path}): wait for it to finish, or train into another directory")
-
-    def __enter__(self) -> "RunLock":
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.release()
 
 
 _held: Dict[str, Tuple[RunLock, int]] = {}
