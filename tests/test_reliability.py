@@ -77,7 +77,7 @@ def test_resuming_with_another_method_is_refused_naming_both_and_the_way_out(tmp
     tiny_trainer(tmp_path, make_policy(saved)).fit(tiny_data())
     other = tiny_trainer(tmp_path, make_policy(resumed), epochs=2)
     checkpoint = load_checkpoint(tmp_path / "checkpoint.pt")
-    with pytest.raises(CheckpointError) as info, pytest.warns(UserWarning, match="differ"):
+    with pytest.raises(CheckpointError) as info:
         other.fit(tiny_data(), resume=True)
     message = str(info.value)
     assert checkpoint["policy_type"] in message and type(other.policy).__name__ in message

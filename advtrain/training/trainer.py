@@ -404,13 +404,14 @@ class Trainer:
             state["policy"], state["rng"] = part["policy"], part["rng"]
         saved = state.get("config", {})
         diffs = {k: (saved[k], v) for k, v in self.config().items() if k in saved and saved[k] != v}
-        if diffs:
-            warnings.warn(f"resuming {path} with settings that differ from the checkpoint's (saved, now): {diffs}",
-                          stacklevel=4)
         try:
             self.load_state_dict(state)
         except CheckpointError as exc:
             raise CheckpointError(f"cannot resume from {path}: {exc}") from exc
+        # Only a checkpoint that was accepted warns: a refused one's error says it all.
+        if diffs:
+            warnings.warn(f"resuming {path} with settings that differ from the checkpoint's (saved, now): {diffs}",
+                          stacklevel=4)
         if self.run_dir is not None and path == self.run_dir / CHECKPOINT_NAME:
             self._checkpoint_epoch = self.epoch
 
