@@ -109,7 +109,7 @@ SIZES: Dict[str, BenchSize] = {
         attack_rounds=2,
         apgd_steps=100,
     ),
-    # The speed targets of DESIGN.md §6: PreActResNet18, CIFAR-10, batch 128,
+    # The GPU speed targets' setting: PreActResNet18, CIFAR-10, batch 128,
     # bf16 autocast, channels_last, a full epoch.
     "gpu": BenchSize(
         name="gpu",

@@ -64,7 +64,7 @@ TARGET_COLUMNS = ("Target", "Required", "Measured", "Met", "Margin")
 
 
 def cost_units(passes: Dict[str, float]) -> float:
-    """DESIGN.md §6's cost model in units of one forward pass F: a forward
+    """The cost model in units of one forward pass F: a forward
     and an input-only backward ≈ F each, a full backward (input gradient and
     weight gradients) ≈ 2F. PGD-10 training: 11 + 10 + 2 = 23F; a
     single-step method: 2 + 1 + 2 = 5F."""
@@ -403,8 +403,8 @@ def render_section(results: BenchResults) -> str:
         "PGD-10's, same run, model, batches and data. *CPU time*: the process's CPU time (all "
         "threads) over the epoch; on a CPU shared with other jobs it counts the work done, where "
         "wall time also counts the waiting, so its ratio cross-checks the wall-time ratio. "
-        "*Cost-model ratio*: the same ratio predicted from the **counted** passes with DESIGN.md "
-        "§6's model (forward = input-only backward = F, full backward = 2F): PGD-10 = 23F, "
+        "*Cost-model ratio*: the same ratio predicted from the **counted** passes with the "
+        "cost model (forward = input-only backward = F, full backward = 2F): PGD-10 = 23F, "
         "single-step = 5F, limit 5/23 ≈ 0.217. Passes are counted per training example by hooks "
         "on the model (forward: calls × rows; backward: gradients reaching the model output; "
         "*full* = also reaching the first layer's weight, i.e. with weight gradients; "

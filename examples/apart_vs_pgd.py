@@ -13,7 +13,7 @@ evaluation (CW-∞ and AutoAttack-grade APGD), run
 ``advtrain eval runs/apart_vs_pgd/apart --data ./data --suite full`` afterwards.
 
 With ``--quick`` the runs are 120 steps long instead of the reference's
-11,700, so APART's step-size learning rate is scaled up to let its learned
+11,730, so APART's step-size learning rate is scaled up to let its learned
 step sizes grow within the run; even so they stay below ε, and a quick run
 shows the cost ratio rather than the robustness of a full run (measured
 numbers in docs/methods/apart.md).
@@ -36,10 +36,10 @@ from advtrain.models import SmallCNN
 
 def apart_step_lr(epochs: int, examples: int, batch_size: int = 128) -> float:
     """APART's step-size learning rate, scaled up for runs shorter than the
-    reference run's 30 × 390 steps so its learned step sizes still grow (the
+    reference run's 30 × 391 steps so its learned step sizes still grow (the
     paper's 5e-8 at full size)."""
     steps = epochs * math.ceil(examples / batch_size)
-    return 5e-8 * max(1.0, 30 * 390 / steps)
+    return 5e-8 * max(1.0, 30 * 391 / steps)
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:

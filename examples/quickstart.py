@@ -21,10 +21,10 @@ from advtrain import APARTTrainer, PreActResNet18, cifar10
 
 def apart_step_lr(epochs: int, examples: int, batch_size: int = 128) -> float:
     """APART's step-size learning rate, scaled up for runs shorter than the
-    reference run's 30 × 390 steps so its learned step sizes still grow (the
+    reference run's 30 × 391 steps so its learned step sizes still grow (the
     paper's 5e-8 at full size)."""
     steps = epochs * math.ceil(examples / batch_size)
-    return 5e-8 * max(1.0, 30 * 390 / steps)
+    return 5e-8 * max(1.0, 30 * 391 / steps)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:

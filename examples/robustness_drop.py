@@ -16,7 +16,7 @@ model is evaluated with PGD-20 and the accuracy curves are drawn to
 
 APART runs when :class:`advtrain.training.APARTTrainer` imports. With
 ``--quick`` its step-size learning rate is scaled up by the ratio of the
-reference run's 11,700 optimizer steps to this run's, so that its learned step
+reference run's 11,730 optimizer steps to this run's, so that its learned step
 sizes can grow within the short run.
 """
 from __future__ import annotations
@@ -42,7 +42,7 @@ try:
 except ImportError:  # an advtrain without APART: the other two methods still run
     APARTTrainer = None
 
-REFERENCE_STEPS = 30 * 390
+REFERENCE_STEPS = 30 * 391
 """Optimizer steps of the reference APART run (30 epochs of 50,000 / 128)."""
 REFERENCE_STEP_LR = 5e-8
 

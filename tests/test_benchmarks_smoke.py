@@ -2,7 +2,8 @@
 themselves run only on request: ``python -m pytest benchmarks/``).
 
 The pass counter is checked on cases whose counts are known exactly from the
-algorithms (DESIGN.md §4 and §6), through the same Trainer code path the
+algorithms and the cost model (forward = input-only backward = F, full
+backward = 2F), through the same Trainer code path the
 benchmarks time; the report writer is checked for its columns, its
 arithmetic and for keeping hand-written text outside its markers.
 """
@@ -112,7 +113,7 @@ def test_pass_counts_per_example(method, expected, smoke):
 def test_cost_model_from_counted_passes(smoke):
     _, pgd = _passes("PGD-10", smoke)
     _, apart = _passes("APART", smoke)
-    assert cost_units(pgd) == 23 and cost_units(apart) == 5  # DESIGN.md §6: 23F and 5F
+    assert cost_units(pgd) == 23 and cost_units(apart) == 5  # 11F + 10F + 2F and 2F + 1F + 2F
 
 
 def test_counter_distinguishes_input_only_from_full_backward():

@@ -241,6 +241,11 @@ def test_l2_threat_model():
         evaluate(model, (x, y), "pgd20", eps=0.5, norm="l2", progress=False)
     with pytest.raises(ValueError, match="norm"):
         evaluate(model, (x, y), [attack], norm="l1", progress=False)
+    # An L2 radius above 1 is a legitimate threat model (below √(C·H·W)); an L∞ one is refused.
+    wide = APGD(1.5, norm="l2", steps=2)
+    assert evaluate(model, (x, y), [wide], eps=1.5, norm="l2", progress=False).eps == 1.5
+    with pytest.raises(ValueError, match="did you mean"):
+        evaluate(model, (x, y), [wide], eps=1.5, progress=False)
 
 
 # ----------------------------------------------------------------------------- evaluate: masking checks

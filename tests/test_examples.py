@@ -41,7 +41,7 @@ def test_quickstart_runs_as_a_script(cifar10_dir, tmp_path):
 def test_quick_step_lr_is_the_paper_value_at_full_size():
     quickstart = load("quickstart")
     assert quickstart.apart_step_lr(30, 50_000) == 5e-8
-    assert quickstart.apart_step_lr(1, 256) == pytest.approx(5e-8 * 11_700 / 2)
+    assert quickstart.apart_step_lr(1, 256) == pytest.approx(5e-8 * 11_730 / 2)
 
 
 def test_apart_vs_pgd_prints_the_comparison_table(cifar10_dir, tmp_path, capsys):

@@ -2,7 +2,7 @@
 per-example store they share (issue 3).
 
 The store is checked pixel by pixel against plain-loop references; the
-policies against DESIGN.md §4's formulas, against the stateless PGD attack and
+policies against the APART and ATTA paper formulas, against the stateless PGD attack and
 clean training they reduce to in special cases, and against themselves across a
 checkpoint/resume. Everything runs on the CPU with tiny models, where the
 algorithms are deterministic and most comparisons can be exact
@@ -479,7 +479,7 @@ def test_atta_store_is_drawn_as_0_001_normal_from_the_global_generator():
 def apart_reference(
     model, x, y, omega, alpha, alpha_init, alpha_sites, eps, site_names, signs=None
 ):
-    """DESIGN.md §4 steps 2–5 written out: returns (x1, site perturbations, L₂,
+    """APART's per-batch steps 2–5 (δ₀ and pass 1, δ, pass 2) written out: returns (x1, site perturbations, L₂,
     signs of the pass-1 gradients). With ``signs`` given, pass 1 is skipped and
     those signs are used (L₂ as a function of the scalars alone)."""
     delta0 = torch.clamp(alpha_init * omega, -eps, eps)
@@ -991,13 +991,13 @@ def test_apart_beats_standard_training_on_real_cifar10(cifar10_dir):
     Trainer(std_model, lr=0.2, weight_decay=5e-4, **common).fit(
         DeviceLoader(train, 128, device="cpu")
     )
-    # Step sizes for a run of ~160 steps instead of the reference's 30 × 390. The reference starts
+    # Step sizes for a run of ~160 steps instead of the reference's 30 × 391. The reference starts
     # α = α_ω = 1e-4 and relies on thousands of ascent steps to grow them; here we start them at the
     # size a working single-step method uses: α = ε (an FGSM step) and α_ω = ε/2 (α/α_ω = 2, so ω
     # saturates at ±1 — the sign of the last gradient — after one visit, and δ₀ = ±ε/2 is a warm
-    # start inside the ball). The step LR is the reference's 5e-8 scaled by ~60 (≈ 11700 / 160
-    # steps) so that the ascent and the default decay (1200) act over this short run as much as over
-    # the long one: the scalars drift from these starting values toward the balance ∇L₂ ≈ decay·α,
+    # start inside the ball). The step LR is the reference's 5e-8 scaled by 60 (the order of the
+    # steps' ratio, 11730 / 160 ≈ 73) so that the ascent and the default decay (1200) act over
+    # this short run as much as over the long one: the scalars drift from these starting values toward the balance ∇L₂ ≈ decay·α,
     # and the layer steps α_l grow from 0.
     trainer = APARTTrainer(
         apart_model, eps=EPS, init_step=EPS, init_scale=EPS / 2, step_lr=3e-6, **common

@@ -317,6 +317,11 @@ def test_output_check_leaves_parameters_buffers_flags_and_rng_as_they_were():
     assert all(p.grad is None for p in model.parameters())
 
 
+def test_output_check_runs_a_float64_model_in_float64():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 5)).double()
+    check_model_outputs(model, _tiny_data()[0], max_label=4)  # float32 images would not fit float64 weights
+
+
 def test_probability_outputs_warn_once_when_training_starts(recwarn):
     torch.manual_seed(0)
     _tiny_trainer(_NoisyNet(softmax=True)).fit(_tiny_data(n=32))

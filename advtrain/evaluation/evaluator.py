@@ -236,8 +236,8 @@ def evaluate(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    eps = float(check_eps(eps, "linf", "eps"))
     norm = check_choice(norm, "norm", NORMS)
+    eps = float(check_eps(eps, norm, "eps"))
     named = _named_attacks(attacks, eps, norm)
     if masking_checks is None:
         masking_checks = isinstance(attacks, str) and attacks in MASKING_SUITES

@@ -57,7 +57,7 @@ class APARTPolicy(PerturbationPolicy):
     Learnable step sizes — the input step α, the initialization scale α_ω and
     one step α_l per perturbation site — and a per-example initialization ω
     (kept in padded coordinates like ATTA's store, values in [-1, 1], never
-    reset). Per batch (DESIGN.md §4):
+    reset). Per batch:
 
     1. δ₀ = clamp(α_ω·ω, ±ε) read through the batch's crop/flip; x₀ = clamp(x + δ₀, 0, 1).
     2. Pass 1 (BatchNorm in train mode, no site perturbation): L₁ = CE(f(x₀), y);

@@ -35,7 +35,9 @@ def check_model_outputs(model: nn.Module, images: Tensor, max_label: int,
     outputs look like probabilities rather than logits.
     """
     x = images[:PROBE_EXAMPLES].to(device if device is not None else images.device)
-    x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()
+    # The probe runs in the weights' dtype (float64 models get float64 images).
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    x = x.to(dtype).div_(255) if x.dtype == torch.uint8 else x.to(dtype)
     forked = [x.device] if x.device.type == "cuda" else []
     with model_mode(model, "eval"), torch.no_grad(), torch.random.fork_rng(devices=forked):
         outputs = model(x)

@@ -118,7 +118,7 @@ class APARTTrainer(Trainer):
     against a triangular LR 0 → 0.2 → 0, weight decay 2e-4; step sizes ascend
     with peak LR ``step_lr`` = 5e-8 and decay ``step_weight_decay`` = 1200
     from ``init_step`` = ``init_scale`` = 1e-4 (α and α_ω). The step sizes grow
-    over the run, so runs much shorter than the reference's 30 epochs × 390
+    over the run, so runs much shorter than the reference's 30 epochs × 391
     steps need a larger ``step_lr`` or ``init_step`` to perturb as strongly.
     Crops are padded with grey (``pad_fill=0.5``) as in the reference code.
     Evaluation uses PGD-20 at ε = 8/255.
