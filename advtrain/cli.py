@@ -390,8 +390,16 @@ def load_model(checkpoint: str, model: Optional[str] = None) -> Tuple[Any, str, 
     if name is None:
         raise CLIError(f"checkpoint {path} does not record its model; pass --model ({', '.join(MODELS)})")
     weights = _strip_prefixes(dict(state["model"]))
+    kwargs = _model_kwargs(name, weights)
+    recorded_kwargs = state.get("config", {}).get("model_kwargs")
+    if recorded_kwargs:
+        kwargs.update(recorded_kwargs)
+    elif name == "preactresnet18":
+        # Checkpoints that record no constructor arguments were written when
+        # the projection shortcuts read the pre-activation.
+        kwargs["shortcut"] = "preact"
     try:
-        net = build_model(name, **_model_kwargs(name, weights))
+        net = build_model(name, **kwargs)
         net.load_state_dict(weights)
     except (KeyError, IndexError, RuntimeError) as exc:
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -399,3 +399,34 @@ def test_train_apart_on_the_real_subset(cifar10_dir, tmp_path, capsys):
     record = read_metrics(out)[-1]
     assert 0.0 <= record["robust_acc"] <= record["clean_acc"] <= 1.0
     assert len(record["apart_alpha_sites"]) == 2  # SmallCNN's two declared sites
+
+
+# ------------------------------------------------------------- model rebuild
+@pytest.mark.parametrize("shortcut", ["preact", "input"])
+def test_eval_rebuilds_the_recorded_preactresnet18_variant(tmp_path, shortcut):
+    torch.manual_seed(0)
+    model = PreActResNet18(width=2, normalize=False, shortcut=shortcut)
+    Trainer(model, epochs=1, batch_size=16, progress=False, eval_every=0, run_dir=tmp_path).fit(
+        (torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8), torch.arange(16) % 10))
+    rebuilt, name, _, _ = cli.load_model(str(tmp_path))
+    assert name == "preactresnet18"
+    assert rebuilt.layer2[0].shortcut_from_input == (shortcut == "input")
+    x = torch.rand(2, 3, 32, 32)
+    torch.testing.assert_close(rebuilt.eval()(x), model.cpu().eval()(x), rtol=0, atol=0)
+
+
+def test_eval_rebuilds_a_checkpoint_without_recorded_arguments_as_the_preact_variant(tmp_path):
+    """Checkpoints written before the constructor arguments were recorded
+    come from the network whose projection shortcuts read the pre-activation."""
+    from advtrain.training import load_checkpoint, save_checkpoint
+
+    torch.manual_seed(0)
+    model = PreActResNet18(width=2, shortcut="preact")
+    Trainer(model, epochs=1, batch_size=16, progress=False, eval_every=0, run_dir=tmp_path).fit(
+        (torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8), torch.arange(16) % 10))
+    state = load_checkpoint(tmp_path / "checkpoint.pt")
+    del state["config"]["model_kwargs"]
+    save_checkpoint(tmp_path / "old.pt", {k: v for k, v in state.items() if k not in ("format", "version", "sha256")})
+    rebuilt, _, _, _ = cli.load_model(str(tmp_path / "old.pt"))
+    assert not rebuilt.layer2[0].shortcut_from_input
+

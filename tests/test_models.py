@@ -67,7 +67,7 @@ def test_output_shapes(num_classes: int) -> None:
 def test_parameter_counts() -> None:
     with torch.device("meta"):
         preact = PreActResNet18()
-        preact_input = PreActResNet18(shortcut="input")
+        preact_other = PreActResNet18(shortcut="preact")
         wrn28 = WideResNet(28, 10)
         wrn34 = WideResNet(34, 10)
 
@@ -81,7 +81,7 @@ def test_parameter_counts() -> None:
     # bn1 on the block's input width and one final BatchNorm (512 ch).
     bn_difference = 2 * (64 + 2 * 128 - 64 + 2 * 256 - 128 + 2 * 512 - 256 - 512)
     assert bn_difference == 1792
-    assert count(preact) == count(preact_input) == 11_173_962 - bn_difference == 11_172_170
+    assert count(preact) == count(preact_other) == 11_173_962 - bn_difference == 11_172_170
     assert count(wrn28) == 36_479_194
     assert count(wrn34) == 46_160_474
 
@@ -264,8 +264,8 @@ def test_preact_block_matches_a_hand_written_block(shortcut, in_planes, planes, 
 
 
 def test_preact_variants_differ_only_where_a_projection_shortcut_is() -> None:
-    a = PreActResNet18(width=4, normalize=False)
-    b = PreActResNet18(width=4, normalize=False, shortcut="input")
+    a = PreActResNet18(width=4, normalize=False, shortcut="preact")
+    b = PreActResNet18(width=4, normalize=False)  # the default: the Fast-AT and APART reference network
     assert list(a.state_dict()) == list(b.state_dict())
     assert not any("site" in k for k in a.state_dict())
     b.load_state_dict(a.state_dict())
@@ -276,8 +276,9 @@ def test_preact_variants_differ_only_where_a_projection_shortcut_is() -> None:
     blocks = {n: m for n, m in a.named_modules() if isinstance(m, PreActBlock)}
     assert [n for n, m in blocks.items() if m.shortcut is not None] == projections
     assert all(m.shortcut_from_input for m in b.modules() if isinstance(m, PreActBlock))
-    assert isinstance(build_model("preactresnet18", width=4, shortcut="input").layer2[0], PreActBlock)
-    assert build_model("preactresnet18", width=4, shortcut="input").layer2[0].shortcut_from_input
+    assert not any(m.shortcut_from_input for m in a.modules() if isinstance(m, PreActBlock))
+    assert build_model("preactresnet18", width=4).layer2[0].shortcut_from_input
+    assert not build_model("preactresnet18", width=4, shortcut="preact").layer2[0].shortcut_from_input
     for bad in ("x", None, "INPUT"):
         with pytest.raises(ValueError, match="shortcut"):
             PreActResNet18(width=4, shortcut=bad)  # type: ignore[arg-type]

@@ -207,6 +207,23 @@ def test_checkpoint_from_another_model_is_rejected(tmp_path):
             other.fit(synthetic(64), resume=True)
 
 
+def test_checkpoint_records_the_model_arguments_and_refuses_the_other_shortcut_variant(tmp_path):
+    from advtrain.models import PreActResNet18
+
+    def trainer(**model_kw):
+        torch.manual_seed(0)
+        model = PreActResNet18(3, width=2, **model_kw)
+        return Trainer(model, epochs=2, batch_size=32, progress=False, eval_every=0, run_dir=tmp_path)
+
+    trainer(shortcut="preact").fit(synthetic(32))
+    recorded = load_checkpoint(tmp_path / "checkpoint.pt")["config"]["model_kwargs"]
+    assert recorded == {"num_classes": 3, "width": 2, "shortcut": "preact", "normalize": True}
+    # The two variants have the same weights: only the recorded arguments tell them apart.
+    with pytest.raises(CheckpointError, match=r"other arguments .*'shortcut': \('preact', 'input'\)"):
+        trainer().fit(synthetic(32), resume=True)
+    trainer(shortcut="preact").fit(synthetic(32), resume=True)
+
+
 def test_stop_training_from_a_callback_ends_the_run_with_a_checkpoint(tmp_path):
     class StopAfterFirst(Callback):
         def on_epoch_end(self, trainer, epoch, record):

@@ -6,7 +6,7 @@ attack radii (ε, step sizes) are always in pixel units.
 from __future__ import annotations
 
 import math
-from typing import Sequence, Tuple, Union
+from typing import Any, Dict, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -107,3 +107,14 @@ def make_normalize(normalize: Union[bool, nn.Module, None]) -> nn.Module:
         "normalize must be True, False, None or an nn.Module (e.g. Normalize), "
         f"got {type(normalize).__name__}"
     )
+
+
+def recorded_arguments(normalize: Union[bool, nn.Module, None], **kwargs: Any) -> Dict[str, Any]:
+    """A model's constructor arguments as plain values, for checkpoints: what
+    :func:`~advtrain.models.build_model` needs to rebuild the same network
+    (its weights alone do not say everything, e.g. where a shortcut reads).
+    A ``normalize`` module is left out (its statistics are in the weights)."""
+    if normalize is None or isinstance(normalize, bool):
+        kwargs["normalize"] = bool(normalize)
+    return kwargs
+

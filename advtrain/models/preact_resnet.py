@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._validation import check_choice, check_positive_int
-from .normalize import make_normalize
+from .normalize import make_normalize, recorded_arguments
 from .sites import SiteModule
 
 SHORTCUTS = ("preact", "input")
@@ -35,7 +35,7 @@ class PreActBlock(nn.Module):
     and the site's activation gradient is the one through ``conv1`` alone.
     """
 
-    def __init__(self, in_planes: int, planes: int, stride: int = 1, shortcut: str = "preact") -> None:
+    def __init__(self, in_planes: int, planes: int, stride: int = 1, shortcut: str = "input") -> None:
         super().__init__()
         self.shortcut_from_input = check_choice(shortcut, "shortcut", SHORTCUTS) == "input"
         self.bn1 = nn.BatchNorm2d(in_planes)
@@ -76,12 +76,13 @@ class PreActResNet18(nn.Module):
     biases).
 
     Two variants with the same parameters and state_dict keys:
-    ``shortcut="preact"`` (default; advtrain's network for every method) has
-    projection shortcuts that read the block's pre-activation
-    ``relu(bn1(x))``, as in He et al.'s pre-activation unit;
-    ``shortcut="input"`` has projection shortcuts that read the block input
-    ``x``, as in the reference code of Fast-AT (Wong et al.'s
-    ``fast_adversarial``) and APART (Li et al.'s ``models/preresnet.py``).
+    ``shortcut="input"`` (default) has projection shortcuts that read the
+    block input ``x``, as in the reference code of Fast-AT (Wong et al.'s
+    ``fast_adversarial``) and APART (Li et al.'s ``models/preresnet.py``);
+    ``shortcut="preact"`` has projection shortcuts that read the block's
+    pre-activation ``relu(bn1(x))``, as in He et al.'s pre-activation unit.
+    Only the constructor arguments tell the variants apart, so they are kept
+    in :attr:`init_kwargs` and recorded in checkpoints.
     The APART reference feeds raw pixels to the stem (no normalization):
     ``PreActResNet18(normalize=False, shortcut="input")`` is its network;
     Fast-AT normalizes with CIFAR-10 statistics, as ``normalize=True`` does.
@@ -98,7 +99,7 @@ class PreActResNet18(nn.Module):
             statistics, ``False``/``None`` for none, or a module to use.
         width: channels of the stem and first stage (64 in the reference);
             smaller values give fast test models.
-        shortcut: ``"preact"`` or ``"input"``, what the projection shortcuts
+        shortcut: ``"input"`` (default) or ``"preact"``, what the projection shortcuts
             read (see above).
 
     Input: float (N, 3, 32, 32) pixels in [0, 1]. Output: (N, num_classes) logits.
@@ -110,12 +111,15 @@ class PreActResNet18(nn.Module):
         *,
         normalize: Union[bool, nn.Module, None] = True,
         width: int = 64,
-        shortcut: str = "preact",
+        shortcut: str = "input",
     ) -> None:
         super().__init__()
         check_positive_int(num_classes, "num_classes")
         check_positive_int(width, "width")
         check_choice(shortcut, "shortcut", SHORTCUTS)
+        #: Constructor arguments recorded in checkpoints: the two variants have
+        #: the same weights, so only this tells them apart.
+        self.init_kwargs = recorded_arguments(normalize, num_classes=num_classes, width=width, shortcut=shortcut)
         self.normalize = make_normalize(normalize)
         self.conv1 = nn.Conv2d(3, width, kernel_size=3, stride=1, padding=1, bias=False)
         planes = [width, 2 * width, 4 * width, 8 * width]

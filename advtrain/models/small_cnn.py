@@ -6,7 +6,7 @@ from typing import Union
 from torch import Tensor, nn
 
 from .._validation import check_positive_int
-from .normalize import make_normalize
+from .normalize import make_normalize, recorded_arguments
 from .sites import SiteModule
 
 
@@ -51,6 +51,8 @@ class SmallCNN(nn.Module):
         super().__init__()
         check_positive_int(num_classes, "num_classes")
         check_positive_int(width, "width")
+        #: Constructor arguments recorded in checkpoints.
+        self.init_kwargs = recorded_arguments(normalize, num_classes=num_classes, width=width)
         self.normalize = make_normalize(normalize)
         self.stage1 = _conv_bn_relu(3, width)
         self.pool1 = nn.MaxPool2d(2)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._validation import check_positive_int
-from .normalize import make_normalize
+from .normalize import make_normalize, recorded_arguments
 from .sites import SiteModule
 
 
@@ -99,6 +99,9 @@ class WideResNet(nn.Module):
             raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}")
         n = (depth - 4) // 6
         channels = [16, 16 * widen, 32 * widen, 64 * widen]
+        #: Constructor arguments recorded in checkpoints (dropout leaves no trace in the weights).
+        self.init_kwargs = recorded_arguments(normalize, depth=depth, widen=widen, num_classes=num_classes,
+                                              dropout=float(dropout))
         self.normalize = make_normalize(normalize)
         self.conv1 = nn.Conv2d(3, channels[0], kernel_size=3, stride=1, padding=1, bias=False)
         self.block1 = self._make_group(n, channels[0], channels[1], 1, float(dropout))

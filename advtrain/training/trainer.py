@@ -240,7 +240,8 @@ class Trainer:
         """The run's settings as plain values (recorded in checkpoints);
         ``pad_fill`` is that of the training loader once ``fit`` has one."""
         return {
-            "model": type(self.model).__name__, "policy": repr(self.policy), "epochs": self.epochs,
+            "model": type(self.model).__name__, "model_kwargs": dict(getattr(self.model, "init_kwargs", {})),
+            "policy": repr(self.policy), "epochs": self.epochs,
             "batch_size": self.batch_size, "lr": self.lr, "momentum": self.momentum,
             "weight_decay": self.weight_decay, "nesterov": self.nesterov, "precision": self.precision,
             "eval_attack": repr(self.eval_attack),
@@ -319,7 +320,18 @@ class Trainer:
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
 
     def _load_model(self, state: Dict[str, Any]) -> None:
-        """Load the checkpoint ``state``'s model weights into the model."""
+        """Load the checkpoint ``state``'s model weights into the model,
+        refusing weights of another architecture or of another variant with
+        the same weights (recorded constructor arguments that differ, such as
+        ``PreActResNet18``'s ``shortcut``)."""
+        saved = state.get("config", {})
+        saved_kwargs, kwargs = saved.get("model_kwargs"), dict(getattr(self.model, "init_kwargs", {}))
+        if saved_kwargs and kwargs and saved.get("model") == type(self.model).__name__ and saved_kwargs != kwargs:
+            differ = {k: (saved_kwargs.get(k), kwargs.get(k)) for k in sorted(set(saved_kwargs) | set(kwargs))
+                      if saved_kwargs.get(k) != kwargs.get(k)}
+            raise CheckpointError(
+                f"the checkpoint was written for a different model: {type(self.model).__name__} built with other "
+                f"arguments (checkpoint, now): {differ}; build the model with the checkpoint's arguments")
         try:
             self.model.load_state_dict(state["model"])
         except RuntimeError as exc:
