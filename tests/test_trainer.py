@@ -568,3 +568,103 @@ def test_every_method_trains_under_bf16_autocast_with_fp32_perturbations(method)
         metrics = history.records[-1]
         assert metrics["apart_alpha"] != pytest.approx(1e-4, rel=1e-6)  # the step sizes learned
         assert all(math.isfinite(a) for a in metrics["apart_alpha_sites"])
+
+
+# ------------------------------------------------------- the policy's contract
+class _CountingPolicy(AttackPolicy):
+    """FGSM-RS whose loss is 2·CE and which records every call, replaying
+    each batch ``replays`` times."""
+
+    def __init__(self, replays: int = 1, compilable: bool = True) -> None:
+        super().__init__(FGSMRS(8 / 255, bn_mode="train"))
+        self.replays, self.compilable = replays, compilable
+        self.calls = []
+
+    def perturb(self, model, batch):
+        self.calls.append(("perturb", batch.index[0].item()))
+        return super().perturb(model, batch)
+
+    def loss(self, context, batch, perturbation):
+        out = super().loss(context, batch, perturbation)
+        return type(out)(2 * out.loss, out.logits)
+
+    def after_step(self, model, batch, perturbation):
+        self.calls.append(("after_step", batch.index[0].item()))
+
+
+def test_the_policys_loss_is_what_the_trainer_minimizes():
+    x, y = synthetic(32)
+    batch_x = x.float() / 255
+    from advtrain.data.batch import Batch
+
+    batch = Batch(batch_x, y, torch.arange(32), None)
+    twice, once = _CountingPolicy(), AttackPolicy(FGSMRS(8 / 255, bn_mode="train"))
+    runs = []
+    for policy in (twice, once):
+        torch.manual_seed(0)
+        trainer = Trainer(small_model(), policy, epochs=1, lr=0.1, momentum=0.0, weight_decay=0.0, progress=False,
+                          channels_last=False, device="cpu")
+        trainer.optimizer.param_groups[0]["lr"] = 0.1
+        before = params(trainer.model)
+        torch.manual_seed(1)
+        loss, _ = trainer.train_step(batch)
+        runs.append((loss, {k: v - before[k] for k, v in params(trainer.model).items()}))
+    (loss2, step2), (loss1, step1) = runs
+    torch.testing.assert_close(loss2, 2 * loss1)
+    for k in step1:
+        if step1[k].is_floating_point() and "running" not in k:
+            torch.testing.assert_close(step2[k], 2 * step1[k], rtol=1e-4, atol=1e-6)  # SGD step of 2·CE
+
+
+def test_label_smoothing_is_applied_to_the_default_loss():
+    x, y = synthetic(32)
+    from advtrain.data.batch import Batch
+    from advtrain.policies import CleanPolicy
+
+    batch = Batch(x.float() / 255, y, torch.arange(32), None)
+    torch.manual_seed(0)
+    trainer = Trainer(small_model(), CleanPolicy(), label_smoothing=0.4, progress=False, channels_last=False,
+                      device="cpu")
+    model_copy = small_model()
+    model_copy.load_state_dict(trainer.model.state_dict())
+    model_copy.train()
+    expected = torch.nn.functional.cross_entropy(model_copy(batch.x), y, label_smoothing=0.4)
+    loss, _ = trainer.train_step(batch)
+    torch.testing.assert_close(loss, expected)
+    assert trainer.config()["label_smoothing"] == 0.4
+    for bad in (-0.1, 1.0, "0.1"):
+        with pytest.raises(ValueError, match="label_smoothing"):
+            Trainer(small_model(), label_smoothing=bad)
+
+
+def test_a_replaying_policy_gets_that_many_optimizer_steps_per_batch():
+    policy = _CountingPolicy(replays=3)
+    seen_lrs = []
+    trainer = Trainer(small_model(), policy, epochs=1, batch_size=16, progress=False, eval_every=0, seed=0)
+    original = trainer._set_hyperparameters
+    trainer._set_hyperparameters = lambda progress: seen_lrs.append(progress) or original(progress)
+    trainer.fit(synthetic(32))  # 2 batches × 3 replays
+    assert trainer.global_step == 6
+    assert [c[0] for c in policy.calls] == ["perturb", "after_step"] * 6
+    assert policy.calls[0][1] == policy.calls[4][1] and policy.calls[6][1] == policy.calls[10][1]  # same batch
+    assert seen_lrs == pytest.approx([k / 6 for k in range(6)])  # every replay is an iteration of the schedule
+
+
+def test_compile_refuses_a_policy_that_cannot_be_compiled():
+    with pytest.raises(ValueError, match="_CountingPolicy cannot train under torch.compile"):
+        Trainer(small_model(), _CountingPolicy(compilable=False), compile=True, device="cpu")
+
+
+def test_setup_and_train_epoch_drive_the_same_run_as_fit():
+    data = synthetic(64)
+    fitted = make_trainer(None, epochs=2, eval_every=0)
+    fitted.fit(data)
+    driven = make_trainer(None, epochs=2, eval_every=0)
+    with pytest.raises(RuntimeError, match="setup"):
+        driven.train_epoch()
+    driven.setup(data)
+    records = [driven.train_epoch(), driven.train_epoch()]
+    assert driven.epoch == 2 and [r["epoch"] for r in records] == [1, 2]
+    assert records[-1]["train_loss"] == pytest.approx(fitted.history[-1]["train_loss"])
+    want, got = params(fitted.model), params(driven.model)
+    assert all(torch.equal(want[k], got[k]) for k in want)

@@ -12,27 +12,9 @@ from torch import Tensor, nn
 from .._validation import check_eps, check_radius
 from ..attacks.base import model_mode
 from ..data.batch import Batch
-from ..distributed import average_gradients
-from ..models.input_only import InputOnlyGradients
 from ..models.sites import ScaledDirection, attach_sites, capture_sites, find_sites, perturb_sites
 from .base import Perturbation, PerturbationPolicy, PolicyContext
 from .store import PerExampleStore, resolve_store_dtype
-
-
-def _plain_module(model: nn.Module) -> nn.Module:
-    """The module whose site names the policy uses. ``torch.compile`` wraps a
-    model in a module whose submodule names gain an ``_orig_mod.`` prefix (and
-    ``DistributedDataParallel``/``DataParallel``/``InputOnlyGradients`` a
-    ``module.`` one); the sites themselves are shared with the wrapped model,
-    so they are addressed there."""
-    while True:
-        inner = getattr(model, "_orig_mod", None)
-        wrappers = (nn.DataParallel, nn.parallel.DistributedDataParallel, InputOnlyGradients)
-        if not isinstance(inner, nn.Module) and isinstance(model, wrappers):
-            inner = model.module
-        if not isinstance(inner, nn.Module):
-            return model
-        model = inner
 
 
 def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
@@ -130,7 +112,7 @@ class APARTPolicy(PerturbationPolicy):
     def setup(self, model: nn.Module, context: PolicyContext) -> None:
         device = context.device
         self.context = context
-        model = _plain_module(model)
+        self.model = model  # the plain model: its sites are the ones perturbed
         if self.layerwise:
             declared = find_sites(model)
             if self.site_names_requested is None:
@@ -170,18 +152,17 @@ class APARTPolicy(PerturbationPolicy):
         """The site activations of one forward pass of ``x`` (one example) in
         eval mode without gradients (no statistics updated), under the
         autocast state in effect."""
-        plain = _plain_module(model)
-        with model_mode(plain, "eval"), torch.no_grad(), capture_sites(plain, self.site_names) as acts:
-            plain(x)
+        with model_mode(model, "eval"), torch.no_grad(), capture_sites(model, self.site_names) as acts:
+            model(x)
         return acts
 
-    def _activation_dtypes(self, model: nn.Module, x: Tensor) -> List[torch.dtype]:
+    def _activation_dtypes(self, x: Tensor) -> List[torch.dtype]:
         """The dtype of each site's activation under the autocast state in
         effect (float32 without autocast, typically bf16 under bf16 autocast),
         learned once per autocast dtype."""
         key = _autocast_dtype(x.device.type)
         if key not in self._site_dtypes:
-            acts = self._probe_sites(model, x[:1])
+            acts = self._probe_sites(self.model, x[:1])
             self._site_dtypes[key] = [acts[name].dtype for name in self.site_names]
         return self._site_dtypes[key]
 
@@ -203,8 +184,8 @@ class APARTPolicy(PerturbationPolicy):
         # in the activation's dtype (bf16 under bf16 autocast): no cast at the
         # site, half the memory traffic, and the same signs.
         probes = [torch.zeros((x.shape[0],) + tuple(shape), device=x.device, dtype=dtype, requires_grad=True)
-                  for shape, dtype in zip(self.site_shapes, self._activation_dtypes(model, x))]
-        with model_mode(model, "train"), perturb_sites(_plain_module(model), dict(zip(self.site_names, probes))):
+                  for shape, dtype in zip(self.site_shapes, self._activation_dtypes(x))]
+        with model_mode(model, "train"), perturb_sites(self.model, dict(zip(self.site_names, probes))):
             logits = model(x0_leaf)
             loss1 = F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), y)
         grads = torch.autograd.grad(loss1, [x0_leaf] + probes)
@@ -228,8 +209,7 @@ class APARTPolicy(PerturbationPolicy):
         for group in self.optimizer.param_groups:
             group["lr"] = _triangle(self.lr, progress)
             group["momentum"] = self.momentum - 0.1 * (1.0 - abs(2.0 * progress - 1.0))
-        average_gradients(self.parameters())
-        self.optimizer.step()
+        self.optimizer.step()  # the Trainer has averaged the gradients across processes
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
 

@@ -1,12 +1,14 @@
 """The :class:`PerturbationPolicy` interface: how a Trainer gets the input (and
-optional layer perturbations) to train on for each batch."""
+optional layer perturbations) to train on for each batch, and the training
+loss computed from it."""
 from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..data.batch import Batch
@@ -53,22 +55,73 @@ class Perturbation:
     extras: Dict[str, Any] = field(default_factory=dict)
 
 
-class PerturbationPolicy(abc.ABC):
-    """Stateful training-time perturbation.
+@dataclass
+class LossContext:
+    """What :meth:`PerturbationPolicy.loss` computes the training loss with.
 
-    Call order, per training run: :meth:`setup` once; then per epoch
-    :meth:`start_epoch`; per batch :meth:`perturb`, the Trainer's forward (with
-    ``Perturbation.sites`` applied) and backward on the training loss, the
-    model's optimizer step, then :meth:`after_step`. When ``after_step`` runs,
-    the gradients of the training loss with respect to ``Perturbation.x`` (if it
+    ``forward(x, sites=None)``: the training forward pass — the model in train
+    mode (compiled or data-parallel as the Trainer is configured, under its
+    autocast), with the given site perturbations applied for this call only.
+    Every pass whose weight gradients should count goes through it; it may be
+    called several times per step (TRADES: clean and adversarial).
+    ``label_smoothing``: the Trainer's label smoothing, which
+    :meth:`cross_entropy` applies.
+    """
+
+    forward: Callable[..., Tensor]
+    label_smoothing: float = 0.0
+
+    def cross_entropy(self, logits: Tensor, y: Tensor, reduction: str = "mean") -> Tensor:
+        """Cross-entropy of ``logits`` against class indices ``y`` with the
+        run's label smoothing, computed in at least float32 (bf16 logits are
+        widened, float64 ones kept)."""
+        wide = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        return F.cross_entropy(wide, y, reduction=reduction, label_smoothing=self.label_smoothing)
+
+
+@dataclass
+class TrainingLoss:
+    """A policy's training loss for one step: ``loss`` (a scalar the Trainer
+    backpropagates) and ``logits`` (the (N, classes) outputs on the training
+    input that the epoch's training accuracy counts)."""
+
+    loss: Tensor
+    logits: Tensor
+
+
+class PerturbationPolicy(abc.ABC):
+    """Stateful training-time perturbation and the training objective.
+
+    Call order, per training run: :meth:`setup` once (with the plain model:
+    never a compiled or data-parallel wrapper, so site names are the model's
+    own); then per epoch :meth:`start_epoch`; per batch, :attr:`replays` times
+    (1 for every method but Free-AT): :meth:`perturb`, :meth:`loss`, the
+    backward of that loss (the Trainer averages the gradients of
+    :meth:`parameters` across processes in a distributed run), the model's
+    optimizer step, then :meth:`after_step`. When ``after_step`` runs, the
+    gradients of the training loss with respect to ``Perturbation.x`` (if it
     required grad and called ``retain_grad``) and to :meth:`parameters` are
     populated.
+
+    ``perturb`` and ``after_step`` get the module to run attack passes
+    through: it shares the plain model's parameters and sites, but may be a
+    compiled view whose backward computes no weight gradients. Address sites
+    on the plain model given to :meth:`setup`.
 
     A policy owns its learnable parameters, their optimizer and any per-example
     state; everything needed to resume is in :meth:`state_dict`.
     Per-example state is keyed by ``Batch.index`` (dataset index), never by
     position in a batch.
     """
+
+    #: Optimizer steps per batch: each replays perturb, loss, step and
+    #: after_step on the same batch (Free-AT's m); the Trainer's schedules
+    #: count every replay as an iteration.
+    replays: int = 1
+    #: Whether the training step can run under ``torch.compile``; a policy
+    #: whose loss needs a double backward says False, and
+    #: ``Trainer(compile=True)`` refuses it.
+    compilable: bool = True
 
 
     def setup(self, model: nn.Module, context: PolicyContext) -> None:
@@ -82,6 +135,15 @@ class PerturbationPolicy(abc.ABC):
     def perturb(self, model: nn.Module, batch: Batch) -> Perturbation:
         """Return what to train on for ``batch``. Must leave the model's
         parameters' ``.grad`` untouched and its train/eval flags as found."""
+
+    def loss(self, context: LossContext, batch: Batch, perturbation: Perturbation) -> TrainingLoss:
+        """The training loss of ``batch`` given its ``perturbation``. The
+        default: cross-entropy (with the run's label smoothing) of the
+        training forward on ``perturbation.x`` with ``perturbation.sites``
+        applied. Methods with another objective (TRADES, MART, GradAlign)
+        override it."""
+        logits = context.forward(perturbation.x, perturbation.sites)
+        return TrainingLoss(context.cross_entropy(logits, batch.y), logits)
 
     def after_step(self, model: nn.Module, batch: Batch, perturbation: Perturbation) -> None:
         """Update the policy's own state after the model step."""
@@ -121,4 +183,4 @@ class PerturbationPolicy(abc.ABC):
         return f"{type(self).__name__}()"
 
 
-__all__ = ["PolicyContext", "Perturbation", "PerturbationPolicy"]
+__all__ = ["LossContext", "PolicyContext", "Perturbation", "PerturbationPolicy", "TrainingLoss"]

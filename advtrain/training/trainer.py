@@ -7,10 +7,9 @@ import time
 import warnings
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -23,9 +22,10 @@ from ..data.batch import Batch
 from ..data.loader import DeviceLoader, as_tensors
 from ..evaluation.accuracy import correct_predictions
 from ..models.input_only import InputOnlyGradients
-from ..models.sites import perturb_sites
+from ..models.registry import model_record
+from ..models.sites import SiteDelta, perturb_sites
 from ..policies.attack_policy import CleanPolicy
-from ..policies.base import PerturbationPolicy, PolicyContext
+from ..policies.base import LossContext, PerturbationPolicy, PolicyContext
 from .atomic import remove_stale_temp_files
 from .callbacks import Callback
 from .checkpoint import CheckpointError, NonFiniteCheckpointError, load_checkpoint, non_finite_entries, save_checkpoint
@@ -88,6 +88,9 @@ class Trainer:
         momentum: SGD momentum; ``momentum_schedule`` (callable of epoch)
             overrides it per iteration.
         weight_decay, nesterov: SGD options.
+        label_smoothing: label smoothing of the training cross-entropy, in
+            [0, 1) (0: none); the policy's loss applies it (see
+            :class:`~advtrain.policies.LossContext`).
         precision: ``"auto"`` (bf16 autocast on CUDA, fp32 on CPU), ``"fp32"``
             or ``"bf16"``.
         channels_last: use channels-last memory format (default: on, on every
@@ -132,6 +135,7 @@ class Trainer:
         momentum_schedule: Optional[Callable[[float], float]] = None,
         weight_decay: float = 5e-4,
         nesterov: bool = False,
+        label_smoothing: float = 0.0,
         precision: str = "auto",
         channels_last: Optional[bool] = None,
         compile: bool = False,
@@ -165,6 +169,10 @@ class Trainer:
         for name, value in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay)):
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        is_number = isinstance(label_smoothing, (int, float)) and not isinstance(label_smoothing, bool)
+        if not (is_number and 0.0 <= label_smoothing < 1.0):
+            raise ValueError(f"label_smoothing must be a number in [0, 1), got {label_smoothing!r}")
+        self.label_smoothing = float(label_smoothing)
         self.precision = check_choice(precision, "precision", PRECISIONS)
         if distributed is None:
             distributed = dist_utils.is_distributed()
@@ -191,6 +199,9 @@ class Trainer:
         # parameters detached, so that its backward computes no weight
         # gradients (see advtrain.models.input_only).
         self.compile = bool(compile)
+        if self.compile and policy is not None and not policy.compilable:
+            raise ValueError(f"{type(policy).__name__} cannot train under torch.compile (its training loss needs "
+                             "a double backward, which compiled graphs do not support): drop compile=True")
         self.forward_model: nn.Module = (
             torch.compile(InputOnlyGradients(self.model)) if compile else self.model)  # type: ignore[assignment]
         self.train_model: nn.Module = torch.compile(self.model) if compile else self.model  # type: ignore[assignment]
@@ -199,6 +210,7 @@ class Trainer:
                                           **dist_utils.no_forward_buffer_sync())
             self.train_model = torch.compile(ddp) if compile else ddp  # type: ignore[assignment]
         self.policy = policy if policy is not None else CleanPolicy()
+        self.replays = check_positive_int(self.policy.replays, f"{type(self.policy).__name__}.replays")
         self.lr = float(lr)
         self.lr_schedule = make_schedule(schedule, self.lr, self.epochs)
         self.momentum = float(momentum)
@@ -237,13 +249,18 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=dtype) if dtype is not None else nullcontext()
 
     def config(self) -> Dict[str, Any]:
-        """The run's settings as plain values (recorded in checkpoints);
-        ``pad_fill`` is that of the training loader once ``fit`` has one."""
+        """The run's settings as plain values (recorded in checkpoints): the
+        model's class name (``model``), registry name (``model_name``) and
+        constructor arguments (``model_kwargs``) — None and ``{}`` for a model
+        outside the registry; ``pad_fill`` is that of the training loader once
+        ``fit`` has one."""
+        record = model_record(self.model)
         return {
-            "model": type(self.model).__name__, "model_kwargs": dict(getattr(self.model, "init_kwargs", {})),
+            "model": type(self.model).__name__, "model_name": record.name, "model_kwargs": record.kwargs,
             "policy": repr(self.policy), "epochs": self.epochs,
             "batch_size": self.batch_size, "lr": self.lr, "momentum": self.momentum,
-            "weight_decay": self.weight_decay, "nesterov": self.nesterov, "precision": self.precision,
+            "weight_decay": self.weight_decay, "nesterov": self.nesterov, "label_smoothing": self.label_smoothing,
+            "precision": self.precision,
             "eval_attack": repr(self.eval_attack),
             "pad_fill": self.loader.pad_fill if self.loader is not None else self.pad_fill,
         }
@@ -321,11 +338,15 @@ class Trainer:
 
     def _load_model(self, state: Dict[str, Any]) -> None:
         """Load the checkpoint ``state``'s model weights into the model,
-        refusing weights of another architecture or of another variant with
-        the same weights (recorded constructor arguments that differ, such as
-        ``PreActResNet18``'s ``shortcut``)."""
+        refusing weights of another architecture, of another registered model
+        or of another variant with the same weights (recorded constructor
+        arguments that differ, such as ``PreActResNet18``'s ``shortcut``)."""
         saved = state.get("config", {})
-        saved_kwargs, kwargs = saved.get("model_kwargs"), dict(getattr(self.model, "init_kwargs", {}))
+        record = model_record(self.model)
+        saved_name, saved_kwargs, kwargs = saved.get("model_name"), saved.get("model_kwargs"), record.kwargs
+        if saved_name and record.name and saved_name != record.name:
+            raise CheckpointError(f"the checkpoint was written for a different model: {saved_name} "
+                                  f"({saved.get('model')}), not this {record.name} ({type(self.model).__name__})")
         if saved_kwargs and kwargs and saved.get("model") == type(self.model).__name__ and saved_kwargs != kwargs:
             differ = {k: (saved_kwargs.get(k), kwargs.get(k)) for k in sorted(set(saved_kwargs) | set(kwargs))
                       if saved_kwargs.get(k) != kwargs.get(k)}
@@ -473,7 +494,7 @@ class Trainer:
         :class:`~advtrain.training.run_lock.RunLockError`. Once the lock is
         held, temporary files left there by interrupted writes are removed.
         """
-        if resume and init_weights is not None:
+        if resume and init_weights is not None:  # refused before the lock is taken
             raise ValueError("resume and init_weights exclude each other: resume continues a run from its "
                              "checkpoint, init_weights starts a fresh run from a checkpoint's model weights")
         if self.run_dir is None or not self.is_main:
@@ -482,21 +503,27 @@ class Trainer:
             remove_stale_temp_files(self.run_dir)
             return self._fit(train, eval_data, resume, init_weights)
 
-    def _fit(self, train: Any, eval_data: Any, resume: Union[bool, str, Path, None],
-             init_weights: Union[str, Path, None]) -> History:
+    def setup(self, train: Any, *, resume: Union[bool, str, Path, None] = None,
+              init_weights: Union[str, Path, None] = None) -> DeviceLoader:
+        """Prepare a run without training it: build the training loader from
+        ``train`` (as :meth:`fit` does), check the model's outputs, set up the
+        policy, and load ``init_weights`` or ``resume``. Returns the loader.
+
+        :meth:`fit` calls it; call it yourself, then :meth:`train_epoch`, to
+        drive the epochs one at a time (the benchmarks do). It takes no lock
+        on ``run_dir``: that is :meth:`fit`'s.
+        """
+        if resume and init_weights is not None:
+            raise ValueError("resume and init_weights exclude each other: resume continues a run from its "
+                             "checkpoint, init_weights starts a fresh run from a checkpoint's model weights")
         self._checkpoint_epoch = None
         if self.seed is not None:
             torch.manual_seed(self.seed + self.rank)
         self.loader = loader = self._make_loader(train)
-        # Once per fit, on the plain model (never the compiled one, whose
+        # Once per run, on the plain model (never the compiled one, whose
         # graphs keep the training shapes): labels beyond the model's outputs
         # and probability outputs are reported before any step.
         check_model_outputs(self.model, loader.images, int(loader.labels.max()), self.device)
-        eval_images = eval_labels = None
-        if eval_data is not None and self.eval_every > 0:
-            eval_images, eval_labels = as_tensors(eval_data)
-            if self.eval_examples is not None:
-                eval_images, eval_labels = eval_images[:self.eval_examples], eval_labels[:self.eval_examples]
         context = PolicyContext(num_examples=loader.num_examples, image_shape=tuple(loader.image_shape),
                                 padding=loader.padding, epochs=self.epochs, steps_per_epoch=len(loader),
                                 device=self.device, shard=self.rank, num_shards=self.world_size)
@@ -508,14 +535,34 @@ class Trainer:
             self._resume(resume)
         elif self.history.path is not None:
             self.history.rewrite()
+        return loader
+
+    def train_epoch(self) -> Dict[str, Any]:
+        """Train epoch :attr:`epoch` (0-based) after :meth:`setup` and return its
+        record (training loss and accuracy, LR, wall time, the policy's
+        metrics); advances :attr:`epoch`. No evaluation, callbacks or
+        checkpoints: :meth:`fit` adds those."""
+        if self.loader is None:
+            raise RuntimeError("train_epoch needs setup(train) (or fit) first")
+        record = self._train_epoch(self.loader, self.epoch)
+        self.epoch += 1
+        return record
+
+    def _fit(self, train: Any, eval_data: Any, resume: Union[bool, str, Path, None],
+             init_weights: Union[str, Path, None]) -> History:
+        self.setup(train, resume=resume, init_weights=init_weights)
+        eval_images = eval_labels = None
+        if eval_data is not None and self.eval_every > 0:
+            eval_images, eval_labels = as_tensors(eval_data)
+            if self.eval_examples is not None:
+                eval_images, eval_labels = eval_images[:self.eval_examples], eval_labels[:self.eval_examples]
         for cb in self.callbacks:
             cb.on_fit_start(self)
         while self.epoch < self.epochs and not self.stop_training:
             epoch = self.epoch
             for cb in self.callbacks:
                 cb.on_epoch_start(self, epoch)
-            record = self._train_epoch(loader, epoch)
-            self.epoch = epoch + 1
+            record = self.train_epoch()
             last = self.epoch == self.epochs
             if eval_images is not None and (self.epoch % self.eval_every == 0 or last):
                 t0 = time.perf_counter()
@@ -547,25 +594,31 @@ class Trainer:
         return lr
 
     def train_step(self, batch: Batch) -> Tuple[Tensor, Tensor]:
-        """One training step on ``batch``: perturb, forward with site
-        perturbations, backward, optimizer step, tell the policy. Returns the
-        loss and the number of correct predictions as device tensors (no host
-        synchronisation)."""
+        """One optimizer step on ``batch``: the policy's perturbation and
+        training loss, its backward, the optimizer step, then the policy's
+        ``after_step``. Returns the loss and the number of correct predictions
+        as device tensors (no host synchronisation). A replaying policy
+        (Free-AT) gets :attr:`replays` of these per batch from the epoch loop."""
         if self.channels_last:
             batch = dataclasses.replace(batch, x=batch.x.contiguous(memory_format=torch.channels_last))
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
+        context = LossContext(forward=self._training_forward, label_smoothing=self.label_smoothing)
         with self._autocast():
             pert = self.policy.perturb(self.forward_model, batch)
-            with perturb_sites(self.model, pert.sites):
-                logits = self.train_model(pert.x)
-        # The loss in at least float32: bf16 logits are widened, float64 ones kept.
-        loss = F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), batch.y)
-        loss.backward()
+            out = self.policy.loss(context, batch, pert)
+        out.loss.backward()
+        if self.distributed:  # the policy's learnable tensors stay equal on every rank
+            dist_utils.average_gradients(self.policy.parameters())
         self.optimizer.step()
         self.policy.after_step(self.forward_model, batch, pert)
-        correct = (logits.detach().argmax(1) == batch.y).sum()
-        return loss.detach(), correct
+        correct = (out.logits.detach().argmax(1) == batch.y).sum()
+        return out.loss.detach(), correct
+
+    def _training_forward(self, x: Tensor, sites: Optional[Mapping[str, SiteDelta]] = None) -> Tensor:
+        """The training module's logits for ``x`` with ``sites`` perturbed for this call."""
+        with perturb_sites(self.model, sites or {}):
+            return self.train_model(x)
 
     def _check_finite(self, loss: float, epoch: int, step: int) -> None:
         if not math.isfinite(loss):
@@ -590,13 +643,15 @@ class Trainer:
         log_every = max(1, steps // 20)
         start = time.perf_counter()
         lr = 0.0
+        replays = self.replays
         for i, batch in enumerate(loader):
-            lr = self._set_hyperparameters(epoch + i / steps)
-            loss, n_correct = self.train_step(batch)
-            loss_sum += loss * len(batch)
-            correct += n_correct
-            seen += len(batch)
-            self.global_step += 1
+            for r in range(replays):  # one pass for every method but Free-AT
+                lr = self._set_hyperparameters(epoch + (i * replays + r) / (steps * replays))
+                loss, n_correct = self.train_step(batch)
+                loss_sum += loss * len(batch)
+                correct += n_correct
+                seen += len(batch)
+                self.global_step += 1
             # loss_sum is the divergence flag kept on the device: the
             # cross-entropy is >= 0, so the sum is finite while every loss is.
             if (i + 1) % FINITE_CHECK_STEPS == 0:

@@ -1,0 +1,5 @@
+"""The registry of training methods (:data:`METHODS`) and the methods that
+are one module each: a policy with its own training objective and its preset."""
+from .registry import METHODS, Method, Passes, get_method, method_names
+
+__all__ = ["METHODS", "Method", "Passes", "get_method", "method_names"]
