@@ -13,8 +13,8 @@ from torch import nn
 from _helpers import NoHostSync, trained_model
 
 from advtrain.attacks.apgd import APGD, apgd_checkpoints
-from advtrain.attacks.base import model_mode
 from advtrain.attacks.pgd import PGD
+from advtrain.utils import model_mode
 
 EPS = 8 / 255
 

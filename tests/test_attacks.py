@@ -13,9 +13,10 @@ from torch import nn
 
 from _helpers import NoHostSync
 from advtrain.attacks import (APGD, FGSM, FGSMRS, NFGSM, PGD, Attack, cross_entropy, dlr_loss, get_loss,
-                              margin_loss, model_mode, targeted_dlr_loss)
+                              margin_loss, targeted_dlr_loss)
 from advtrain.evaluation import attack_suite, check_gradient_masking, evaluate
 from advtrain.policies import APARTPolicy, ATTAPolicy
+from advtrain.utils import model_mode
 
 SEEDS = [0, 1, 2]
 EPS = 0.05

@@ -3,13 +3,12 @@
 Images are pixels in [0, 1] (N, C, H, W) and every radius is in pixel units.
 """
 from .apgd import APGD
-from .base import Attack, model_mode
+from .base import Attack
 from .losses import cross_entropy, dlr_loss, get_loss, margin_loss, targeted_dlr_loss
 from .pgd import FGSM, FGSMRS, NFGSM, PGD
 
 __all__ = [
     "Attack",
-    "model_mode",
     "PGD",
     "FGSM",
     "FGSMRS",

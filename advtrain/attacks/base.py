@@ -2,38 +2,13 @@
 from __future__ import annotations
 
 import abc
-from contextlib import contextmanager
-from typing import Iterator, Literal
 
 import torch
 from torch import Tensor, nn
 
 from .._validation import (RADIUS_NORMS, Radius, check_choice, check_eps, check_images, check_l2_radius,
                            check_labels, largest_radius)
-
-BNMode = Literal["eval", "train", "keep"]
-BN_MODES = ("eval", "train", "keep")
-
-
-@contextmanager
-def model_mode(model: nn.Module, mode: BNMode) -> Iterator[None]:
-    """Put ``model`` in ``mode`` for the duration of the block and restore every
-    submodule's own train/eval flag afterwards, even on error.
-
-    ``"eval"`` uses BatchNorm running statistics (and disables dropout);
-    ``"train"`` uses batch statistics and, like an ordinary training forward,
-    updates the running statistics; ``"keep"`` leaves the model as it is.
-    """
-    if mode == "keep":
-        yield
-        return
-    saved = [(m, m.training) for m in model.modules()]
-    model.train(mode == "train")
-    try:
-        yield
-    finally:
-        for m, flag in saved:
-            m.training = flag
+from ..utils.modes import BN_MODES, BNMode, model_mode
 
 
 class Attack(abc.ABC):
@@ -61,7 +36,8 @@ class Attack(abc.ABC):
             first batch is seen (a Python comparison, no host synchronisation).
         norm: the threat model's norm, ``"linf"`` or ``"l2"``; it sets the
             bound ``eps`` is checked against.
-        bn_mode: ``"eval"``, ``"train"`` or ``"keep"`` (see :func:`model_mode`).
+        bn_mode: ``"eval"``, ``"train"`` or ``"keep"`` (see
+            :func:`advtrain.utils.model_mode`).
         check_inputs: validate pixel range and labels on every call (one host
             synchronisation per call, never inside the step loop).
     """
@@ -138,4 +114,4 @@ def clip_to_ball_and_box(x: Tensor, delta: Tensor, eps: Tensor, norm: str, *, pr
     return (x + delta).clamp_(0.0, 1.0) - x
 
 
-__all__ = ["Attack", "BNMode", "model_mode", "input_gradient", "clip_to_ball_and_box"]
+__all__ = ["Attack", "BNMode", "input_gradient", "clip_to_ball_and_box"]

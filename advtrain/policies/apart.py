@@ -10,22 +10,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._validation import check_eps, check_radius
-from ..attacks.base import model_mode
 from ..data.batch import Batch
 from ..models.sites import ScaledDirection, attach_sites, capture_sites, find_sites, perturb_sites
+from ..utils.modes import model_mode
+from ..utils.precision import active_autocast_dtype
 from .base import Perturbation, PerturbationPolicy, PolicyContext
 from .store import PerExampleStore, resolve_store_dtype
-
-
-def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
-    """The autocast dtype in effect for ``device_type``, or None when autocast is off."""
-    try:
-        enabled = torch.is_autocast_enabled(device_type)
-    except TypeError:  # torch < 2.4: no device argument
-        if device_type == "cpu":
-            return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
-        return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else None
-    return torch.get_autocast_dtype(device_type) if enabled else None
 
 
 def _triangle(peak: float, progress: float) -> float:
@@ -135,7 +125,7 @@ class APARTPolicy(PerturbationPolicy):
         acts = self._probe_sites(model, probe) if self.site_names else {}
         self.site_shapes = [acts[name].shape[1:] for name in self.site_names]
         self._site_dtypes: Dict[Optional[torch.dtype], List[torch.dtype]] = {
-            _autocast_dtype(device.type): [acts[name].dtype for name in self.site_names]}
+            active_autocast_dtype(device.type): [acts[name].dtype for name in self.site_names]}
         # The step sizes in the weights' precision, at least float32.
         scalar = torch.promote_types(weight_dtype, torch.float32)
         self.alpha = torch.tensor(self.init_step, device=device, dtype=scalar, requires_grad=True)
@@ -160,7 +150,7 @@ class APARTPolicy(PerturbationPolicy):
         """The dtype of each site's activation under the autocast state in
         effect (float32 without autocast, typically bf16 under bf16 autocast),
         learned once per autocast dtype."""
-        key = _autocast_dtype(x.device.type)
+        key = active_autocast_dtype(x.device.type)
         if key not in self._site_dtypes:
             acts = self._probe_sites(self.model, x[:1])
             self._site_dtypes[key] = [acts[name].dtype for name in self.site_names]

@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 from .._validation import check_choice, check_eps, check_positive_int
-from ..attacks.base import model_mode
 from ..attacks.pgd import PGD
 from ..data.batch import Batch
+from ..utils.modes import model_mode
 from .base import Perturbation, PerturbationPolicy, PolicyContext
 from .store import PerExampleStore, resolve_store_dtype
 

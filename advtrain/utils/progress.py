@@ -1,0 +1,91 @@
+"""Progress bars (tqdm).
+
+On a terminal a bar redraws one line in place; in a Jupyter notebook it is a
+widget (``tqdm.auto``). Anywhere else — a CI log, a file, a pipe — redrawing
+would fill the log, so a bar there writes whole lines, and only a few: one
+when it starts, at most :data:`LOG_LINES` as it advances (at each tenth of
+the work) and one when it closes, whatever the number of steps or the time
+they take. Rates below one step per second are shown as seconds per step.
+"""
+from __future__ import annotations
+
+import math
+import sys
+from typing import IO, Optional
+
+from tqdm.auto import tqdm
+from tqdm.autonotebook import tqdm as notebook_or_console_tqdm
+from tqdm.std import tqdm as console_tqdm
+
+LOG_LINES = 10
+"""Progress lines a bar writes between its first and last line when its
+stream is not a terminal."""
+BAR_FORMAT = "{desc} [{bar}] {n_fmt}/{total_fmt} {elapsed}<{remaining}, {rate_fmt}{postfix}"
+"""How a bar is drawn: description, bar, steps done and due, time spent and
+left, rate (steps per second, or seconds per step when slower), metrics."""
+
+_IN_NOTEBOOK = notebook_or_console_tqdm is not console_tqdm
+
+
+class _LineWriter:
+    """A text stream for a bar on a stream that is not a terminal: tqdm
+    starts every redraw with a carriage return and pads it with spaces; here
+    each redraw becomes one line, and the bare carriage returns and newlines
+    with which tqdm finishes or clears a bar are dropped."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        line = text.replace("\r", "").rstrip()
+        if line:
+            self.stream.write(line + "\n")
+            self.stream.flush()
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+class _LogBar(console_tqdm):
+    """A bar for a stream that is not a terminal (wrapped in :class:`_LineWriter`)."""
+
+    def close(self) -> None:
+        # When the last progress line already shows the final count, closing
+        # adds no second copy of it.
+        if not self.disable and self.n == self.last_print_n:
+            self.leave = False
+        super().close()
+
+
+def _is_terminal(stream: IO[str]) -> bool:
+    isatty = getattr(stream, "isatty", None)
+    try:
+        return bool(isatty()) if callable(isatty) else False
+    except ValueError:  # a closed stream
+        return False
+
+
+def progress_bar(total: int, desc: str = "", *, enabled: bool = True, file: Optional[IO[str]] = None,
+                 unit: str = "step", leave: bool = True) -> console_tqdm:
+    """A tqdm bar over ``total`` steps, advanced with ``bar.update(n)``;
+    metrics go in with ``bar.set_postfix({...}, refresh=False)`` right before
+    an update, so they are drawn when the update is (a dict keeps their
+    order). ``file`` defaults to
+    ``sys.stderr``; ``leave=False`` removes the bar from a terminal when it
+    closes (a line already written to a log stays). A disabled bar draws
+    nothing and costs nothing."""
+    if not enabled:
+        return tqdm(total=total, disable=True)
+    stream = sys.stderr if file is None else file
+    if _IN_NOTEBOOK or _is_terminal(stream):
+        return tqdm(total=total, desc=desc, file=stream, unit=unit, leave=leave, bar_format=BAR_FORMAT)
+    # An update is drawn only after a tenth of the work since the last one
+    # (miniters, no time limit); maxinterval=inf keeps tqdm's monitor thread
+    # from forcing extra draws of a slow bar.
+    return _LogBar(total=total, desc=desc, file=_LineWriter(stream), unit=unit, leave=leave, bar_format=BAR_FORMAT,
+                   ascii=True, mininterval=0, maxinterval=math.inf,
+                   miniters=max(1, math.ceil(total / LOG_LINES)))
+
+
+__all__ = ["progress_bar", "LOG_LINES", "BAR_FORMAT"]
