@@ -1,5 +1,6 @@
-"""Tests of the models (Normalize, PreActResNet18, WideResNet, SmallCNN,
-build_model) and of the perturbation-site mechanism."""
+"""Tests of the models (Normalize, PreActResNet18, ResNet18, WideResNet,
+SmallCNN), of the model registry (build_model, model_record) and of the
+perturbation-site mechanism."""
 from __future__ import annotations
 
 import copy
@@ -16,8 +17,10 @@ from advtrain.models import (
     CIFAR10_STD,
     CIFAR100_MEAN,
     CIFAR100_STD,
+    MODELS,
     Normalize,
     PreActResNet18,
+    ResNet18,
     ScaledDirection,
     SiteModule,
     SmallCNN,
@@ -26,9 +29,12 @@ from advtrain.models import (
     build_model,
     capture_sites,
     find_sites,
+    model_names,
+    model_record,
     perturb_sites,
 )
 from advtrain.models.preact_resnet import PreActBlock
+from advtrain.models.resnet import BasicBlock
 
 PREACT_SITES = [f"layer{i}.{j}.site" for i in range(1, 5) for j in range(2)]
 
@@ -45,6 +51,7 @@ def images(n: int = 2) -> torch.Tensor:
 def small_models() -> dict:
     return {
         "preact": PreActResNet18(width=8),
+        "resnet18": ResNet18(width=8),
         "wrn": WideResNet(depth=10, widen=1),
         "small": SmallCNN(width=8),
     }
@@ -162,6 +169,126 @@ def test_build_model() -> None:
         build_model("resnet50")
     with pytest.raises(TypeError):
         build_model("smallcnn", depth=3)
+
+
+# ---------------------------------------------------------------- registry
+
+#: Small constructor arguments for every registered model (each one differs from its default).
+SMALL_ARGUMENTS = {
+    "preactresnet18": dict(width=2, shortcut="preact", normalize=False),
+    "resnet18": dict(width=2),
+    "wideresnet": dict(depth=10, widen=1, dropout=0.3),
+    "smallcnn": dict(width=4, normalize=False),
+}
+
+
+def test_registry_table_and_build_errors() -> None:
+    assert model_names() == tuple(MODELS) == ("preactresnet18", "resnet18", "wideresnet", "smallcnn")
+    assert set(SMALL_ARGUMENTS) == set(MODELS)
+    for name, entry in MODELS.items():
+        assert entry.name == name and "\n" not in entry.description and len(entry.description) > 20
+        assert isinstance(build_model(name, **SMALL_ARGUMENTS[name]), entry.cls)
+    assert dict(MODELS["resnet18"].defaults) == {"num_classes": 10, "normalize": True, "width": 64}
+    assert MODELS["wideresnet"].defaults["depth"] == 28 and MODELS["preactresnet18"].defaults["shortcut"] == "input"
+    with pytest.raises(TypeError, match=r"resnet18 takes no argument 'depth'; its arguments: num_classes, normalize"):
+        build_model("resnet18", depth=3)
+    with pytest.raises(TypeError, match="name must be a string"):
+        build_model(None)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("name", sorted(SMALL_ARGUMENTS))
+def test_a_model_record_rebuilds_the_same_network(name) -> None:
+    model = build_model(name, num_classes=7, **SMALL_ARGUMENTS[name]).eval()
+    record = model_record(model)
+    assert record.name == name
+    assert record.kwargs == {**MODELS[name].defaults, "num_classes": 7, **SMALL_ARGUMENTS[name]}
+    assert all(isinstance(v, (bool, int, float, str)) for v in record.kwargs.values())
+    rebuilt = build_model(record.name, **record.kwargs)
+    rebuilt.load_state_dict(model.state_dict())
+    x = images(2)
+    torch.testing.assert_close(rebuilt.eval()(x), model(x), rtol=0, atol=0)
+    assert model_record(rebuilt) == record
+
+
+def test_models_outside_the_registry_have_no_record() -> None:
+    class Custom(SmallCNN):  # a subclass may compute something else
+        pass
+
+    assert model_record(Custom(width=4)) == (None, {})
+    assert model_record(nn.Sequential(nn.Flatten(), nn.Linear(3, 2))) == (None, {})
+    # a normalize module that is not a Normalize cannot be written down as a plain value
+    assert model_record(SmallCNN(width=4, normalize=nn.BatchNorm2d(3))) == (None, {})
+    # a Normalize is: its statistics are buffers, which the rebuilt model loads
+    cifar100 = SmallCNN(100, width=4, normalize=Normalize(CIFAR100_MEAN, CIFAR100_STD)).eval()
+    record = model_record(cifar100)
+    assert record == ("smallcnn", {"num_classes": 100, "width": 4, "normalize": True})
+    rebuilt = build_model(record.name, **record.kwargs)
+    rebuilt.load_state_dict(cifar100.state_dict())
+    x = images(2)
+    torch.testing.assert_close(rebuilt.eval()(x), cifar100(x), rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------- ResNet18
+
+
+def test_resnet18_parameter_count_and_benchmark_names() -> None:
+    with torch.device("meta"):
+        model = ResNet18()
+    assert sum(p.numel() for p in model.parameters()) == 11_173_962
+    keys = set(ResNet18(width=2, normalize=False).state_dict())
+    # the FastAT Benchmark's ResNet18 names: stem bn1, shortcut = (conv, BatchNorm), linear
+    assert {"conv1.weight", "bn1.running_var", "layer2.0.shortcut.0.weight", "layer2.0.shortcut.1.running_mean",
+            "layer4.1.bn2.weight", "linear.bias"} <= keys
+    assert not any("site" in k or "normalize" in k for k in keys)
+    assert len([k for k in keys if k.endswith("num_batches_tracked")]) == 1 + 2 * 8 + 3
+    assert {"normalize.mean", "normalize.std"} <= set(ResNet18(width=2).state_dict())
+
+
+@pytest.mark.parametrize("num_classes", [10, 100])
+def test_resnet18_forward_backward_shapes(num_classes) -> None:
+    model = ResNet18(num_classes, width=2)
+    x = images(3).requires_grad_(True)
+    out = model(x)
+    assert out.shape == (3, num_classes)
+    out.sum().backward()
+    assert x.grad is not None and x.grad.shape == x.shape
+    assert all(p.grad is not None and p.grad.shape == p.shape for p in model.parameters())
+    assert list(find_sites(model)) == PREACT_SITES
+    with capture_sites(model) as acts:
+        model(images(2))
+    w = 2
+    assert [tuple(a.shape[1:]) for a in acts.values()] == [
+        (w, 32, 32), (w, 32, 32), (w, 32, 32), (2 * w, 16, 16),
+        (2 * w, 16, 16), (4 * w, 8, 8), (4 * w, 8, 8), (8 * w, 4, 4)]
+    with pytest.raises(ValueError, match="width"):
+        ResNet18(width=0)
+
+
+@pytest.mark.parametrize("in_planes, planes, stride", [(4, 8, 2), (4, 4, 1)])
+def test_resnet18_block_site_is_on_the_residual_branch_only(in_planes, planes, stride) -> None:
+    """A BasicBlock written out with its weights: the site perturbation
+    enters conv1 alone; the shortcut (identity, or 1×1 conv + BatchNorm)
+    reads the unperturbed block input."""
+    block = BasicBlock(in_planes, planes, stride).double().train()
+    assert (block.shortcut is None) == (stride == 1 and in_planes == planes)
+    model = nn.Sequential(block)
+    x = torch.randn(3, in_planes, 8, 8, dtype=torch.float64, requires_grad=True)
+    delta = torch.randn(3, in_planes, 8, 8, dtype=torch.float64, requires_grad=True)
+    with perturb_sites(model, {"0.site": delta}):
+        out = model(x)
+    branch = F.relu(_bn(block.bn1, F.conv2d(x + delta, block.conv1.weight, stride=stride, padding=1)))
+    branch = _bn(block.bn2, F.conv2d(branch, block.conv2.weight, padding=1))
+    if block.shortcut is None:
+        shortcut = x
+    else:
+        shortcut = _bn(block.shortcut[1], F.conv2d(x, block.shortcut[0].weight, stride=stride))
+    expected = F.relu(branch + shortcut)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    read_out = torch.randn_like(out)
+    got = torch.autograd.grad((out * read_out).sum(), [x, delta])
+    want = torch.autograd.grad((expected * read_out).sum(), [x, delta])
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
 def test_wide_resnet_dropout_active_only_in_training() -> None:
@@ -286,10 +413,12 @@ def test_preact_variants_differ_only_where_a_projection_shortcut_is() -> None:
             PreActBlock(4, 8, 2, shortcut=bad)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("variant", ["preact", "input", "wrn"])
+@pytest.mark.parametrize("variant", ["preact", "input", "wrn", "resnet18"])
 def test_a_site_perturbation_never_reaches_the_shortcut(variant) -> None:
     if variant == "wrn":
         model = WideResNet(depth=10, widen=2).eval()  # block1.0 projects too (16 → 32 channels)
+    elif variant == "resnet18":
+        model = ResNet18(width=4).eval()
     else:
         model = PreActResNet18(width=4, shortcut=variant).eval()
     x = images(2)

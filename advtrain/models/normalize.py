@@ -113,8 +113,13 @@ def recorded_arguments(normalize: Union[bool, nn.Module, None], **kwargs: Any) -
     """A model's constructor arguments as plain values, for checkpoints: what
     :func:`~advtrain.models.build_model` needs to rebuild the same network
     (its weights alone do not say everything, e.g. where a shortcut reads).
-    A ``normalize`` module is left out (its statistics are in the weights)."""
+    A :class:`Normalize` module is recorded as ``True``: its statistics are
+    buffers in the weights, which the rebuilt model's ``Normalize`` loads.
+    Any other module is left out, and the model then has no registry record
+    (:func:`~advtrain.models.model_record`)."""
     if normalize is None or isinstance(normalize, bool):
         kwargs["normalize"] = bool(normalize)
+    elif isinstance(normalize, Normalize):
+        kwargs["normalize"] = True
     return kwargs
 
