@@ -5,12 +5,13 @@ from .checkpoint import CheckpointError, NonFiniteCheckpointError, load_checkpoi
 from .history import History
 from .presets import APARTTrainer, ATTATrainer, FastATTrainer, FGSMTrainer, NFGSMTrainer, PGDTrainer
 from .run_lock import RunLockError
-from .schedules import Piecewise, Schedule, cyclic_momentum, multistep, triangular
+from .schedules import (CosineSchedule, MultiStep, Piecewise, Schedule, cyclic_momentum, multistep, one_cycle,
+                        one_cycle_momentum, triangular)
 from .trainer import Trainer, pgd20
 
 __all__ = [
     "AtomicWriteError", "Callback", "LambdaCallback", "CheckpointError", "NonFiniteCheckpointError", "RunLockError",
     "load_checkpoint", "save_checkpoint", "History",
     "APARTTrainer", "ATTATrainer", "FastATTrainer", "FGSMTrainer", "NFGSMTrainer", "PGDTrainer", "Piecewise", "Schedule", "cyclic_momentum",
-    "multistep", "triangular", "Trainer", "pgd20",
+    "multistep", "triangular", "CosineSchedule", "MultiStep", "one_cycle", "one_cycle_momentum", "Trainer", "pgd20",
 ]
