@@ -25,16 +25,17 @@ import sys
 import warnings
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence, Tuple
+from typing import Any, Dict, List, NoReturn, Optional, Sequence, Tuple
 
 from .cli_errors import device_problem, os_error_line, runtime_error_line
+from .cli_methods import add_method_arguments, method_kwargs
 from .config import RESERVED, load_config, resolve_config
 from .distributed import init_distributed, rank as process_rank, shutdown_distributed
+from .methods import METHODS, get_method
 from .training.atomic import atomic_write_text
 from .training.callbacks import Callback
 from .training.run_lock import lock_run_dir
 
-METHODS = ("standard", "fgsm", "fgsm-rs", "nfgsm", "pgd", "atta", "apart")
 MODELS = ("preactresnet18", "wideresnet", "smallcnn")
 SUITES = ("pgd20", "cw", "autoattack", "full")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -105,7 +106,8 @@ def _train_parser(sub: Any) -> argparse.ArgumentParser:
                "on the command line override the file. With --resume and no --config, OUT/config.json is used.")
     p.add_argument("--config", default=None, metavar="FILE",
                    help="TOML or JSON file of options (keys = flag names, with _ or -)")
-    p.add_argument("--method", choices=METHODS, default="apart", help="training method (default: apart)")
+    # --method and one flag per option of the registered methods (--eps, --steps, ...)
+    add_method_arguments(p, default="apart", parsers={"eps": parse_eps, "steps": positive_int})
     p.add_argument("--model", choices=MODELS, default="preactresnet18", help="model (default: preactresnet18)")
     p.add_argument("--dataset", choices=("cifar10", "cifar100"), default="cifar10", help="default: cifar10")
     p.add_argument("--data", default=None, metavar="DIR",
@@ -114,10 +116,6 @@ def _train_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=positive_int, default=None, metavar="N",
                    help="epochs (default: the method's preset, 30; 15 for fgsm-rs)")
     p.add_argument("--batch-size", type=positive_int, default=128, metavar="N", help="default: 128")
-    p.add_argument("--eps", type=parse_eps, default=None,
-                   help="training radius in pixel units, e.g. 8/255 (default: the method's)")
-    p.add_argument("--steps", type=positive_int, default=None, metavar="K",
-                   help="attack steps for pgd (default 10) and atta (default 1)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the method's, 0.2)")
     p.add_argument("--schedule", choices=("cyclic", "piecewise", "constant"), default=None,
                    help="learning-rate schedule (default: cyclic)")
@@ -144,12 +142,13 @@ def _train_parser(sub: Any) -> argparse.ArgumentParser:
 
 
 def build_trainer(args: argparse.Namespace, num_classes: int) -> Any:
-    """The Trainer preset for ``args.method`` with the command's overrides."""
+    """The registered preset of ``args.method`` (see :data:`advtrain.methods.METHODS`)
+    with the command's overrides."""
     import torch
 
-    from . import training
     from .models import build_model
 
+    options = method_kwargs(args)  # an option the method does not take is refused before any work
     torch.manual_seed(args.seed)  # the same --seed gives the same initial weights
     model = build_model(args.model, num_classes=num_classes)
     kwargs: Dict[str, Any] = dict(batch_size=args.batch_size, precision=args.precision, compile=args.compile,
@@ -159,18 +158,7 @@ def build_trainer(args: argparse.Namespace, num_classes: int) -> Any:
     for key in ("epochs", "lr", "schedule"):
         if getattr(args, key) is not None:
             kwargs[key] = getattr(args, key)
-    if args.eps is not None and args.method != "standard":
-        kwargs["eps"] = args.eps
-    if args.steps is not None:
-        if args.method not in ("pgd", "atta"):
-            raise CLIError(f"--steps applies to pgd and atta, not {args.method}: drop --steps, or use --method pgd or atta")
-        kwargs["steps"] = args.steps
-    presets: Dict[str, Callable[..., Any]] = {
-        "standard": training.Trainer, "fgsm": training.FGSMTrainer, "fgsm-rs": training.FastATTrainer,
-        "nfgsm": training.NFGSMTrainer, "pgd": training.PGDTrainer, "atta": training.ATTATrainer,
-        "apart": training.APARTTrainer,
-    }
-    return presets[args.method](model, **kwargs)
+    return get_method(args.method).build(model, **kwargs, **options)
 
 
 def _read_splits(args: argparse.Namespace) -> Tuple[Any, Any]:

@@ -181,7 +181,7 @@ def test_resume_with_another_model_is_refused_and_keeps_the_record(trained_run, 
     (["train", "--eps", "eight", "--data", "{data}"], ["--eps", "not a number"]),
     (["train", "--epochs", "0", "--data", "{data}"], ["--epochs", "must be >= 1"]),
     (["train", "--method", "apart", "--steps", "3", "--data", "{data}", "--model", "smallcnn"],
-     ["--steps applies to pgd and atta"]),
+     ["--steps applies to", "not apart", "use --method"]),
     (["train", "--resume", "--data", "{data}"], ["--resume needs --out"]),
     (["train"], ["needs --data"]),
     (["eval", "{missing}", "--data", "{data}"], ["does not exist"]),
@@ -335,6 +335,69 @@ def test_plot_run_without_metrics(tmp_path, capsys):
     rc, _, err = run_cli(capsys, "plot", tmp_path, "--out", tmp_path / "x.png")
     assert rc == 2
     assert_one_error_line(err, "no metrics.jsonl")
+
+
+# ----------------------------------------------------------------- methods
+class _BetaTrainer(Trainer):
+    """A preset with an option no built-in method has, as a newly registered method would bring."""
+
+    def __init__(self, model, *, eps: float = 8 / 255, beta: float = 6.0, **kwargs):
+        super().__init__(model, **kwargs)
+        self.eps, self.beta = eps, beta
+
+
+def _train_args(*argv: str):
+    return cli.make_parser().parse_args(["train", "--data", "unused", "--model", "smallcnn", "--device", "cpu",
+                                         "--no-progress", *argv])
+
+
+def test_method_choices_and_option_flags_come_from_the_registry():
+    from advtrain.methods import METHODS
+
+    train = cli._subparser(cli.make_parser(), "train")
+    flags = {a.dest: a for a in train._actions}
+    assert list(flags["method"].choices) == list(METHODS)
+    for method in METHODS.values():
+        for option in method.options:
+            assert option in flags, f"no flag for {method.name}'s option {option}"
+
+
+def test_a_newly_registered_method_and_its_option_need_no_cli_edit(monkeypatch):
+    from advtrain.methods import METHODS, Method, Passes
+
+    monkeypatch.setitem(METHODS, "beta-at", Method("beta-at", "β-AT", _BetaTrainer, "docs/concepts.md",
+                                                   lambda **_: Passes(2, 1, 1), options=("eps", "beta")))
+    trainer = cli.build_trainer(_train_args("--method", "beta-at", "--beta", "2.5", "--eps", "4/255"), 10)
+    assert type(trainer) is _BetaTrainer and trainer.beta == 2.5 and trainer.eps == 4 / 255
+    assert cli.build_trainer(_train_args("--method", "beta-at"), 10).beta == 6.0  # the preset's default
+    with pytest.raises(ValueError, match=r"^--beta applies to beta-at, not pgd: drop --beta, or use --method beta-at$"):
+        cli.build_trainer(_train_args("--method", "pgd", "--beta", "1"), 10)
+    with pytest.raises(ConfigError, match="beta: must be a finite number"):  # config files check it like the flag
+        resolve_config(cli._subparser(cli.make_parser(), "train"), {"beta": "six"})
+
+
+@pytest.mark.parametrize("option, value", [("steps", "3"), ("eps", "4/255")])
+def test_an_option_the_method_does_not_take_names_the_methods_that_do(data_dir, capsys, option, value):
+    from advtrain.methods import METHODS
+
+    takers = [name for name, m in METHODS.items() if option in m.options]
+    other = next(name for name in METHODS if name not in takers)
+    rc, _, err = run_cli(capsys, "train", "--data", data_dir, "--method", other, f"--{option}", value, *TINY)
+    assert rc == 2
+    line = assert_one_error_line(err, f"--{option} applies to", f"not {other}", f"drop --{option}")
+    named = line.split(" applies to ", 1)[1].split(", not ", 1)[0].replace(" and ", ", ").split(", ")
+    assert named == takers
+
+
+def test_compile_for_a_method_that_does_not_compile_is_one_line(data_dir, capsys, monkeypatch):
+    from advtrain.methods import METHODS, Method, Passes
+
+    monkeypatch.setitem(METHODS, "no-compile", Method("no-compile", "No compile", _BetaTrainer, "docs/concepts.md",
+                                                      lambda **_: Passes(2, 1, 1), options=(), compiles=False))
+    rc, _, err = run_cli(capsys, "train", "--data", data_dir, "--method", "no-compile", "--compile", *TINY)
+    assert rc == 2
+    assert_one_error_line(err, "--method no-compile cannot train with --compile", "drop --compile",
+                          "methods that compile: standard")
 
 
 # ------------------------------------------------------------------- bench

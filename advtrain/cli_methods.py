@@ -1,0 +1,140 @@
+"""The training methods on the command line, read from the method registry
+(:data:`advtrain.methods.METHODS`): the ``--method`` choices, one flag per
+method option (``--eps``, ``--steps``, and any option a registered method
+declares), and the preset keywords a parsed command gives its method.
+
+A method registered in :data:`~advtrain.methods.METHODS` is on the command
+line with its options without any change here: an option without a parser
+below gets a flag typed like its default in the preset's signature.
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+from collections import Counter
+from fractions import Fraction
+from typing import Any, Callable, Dict, List, Sequence
+
+from .methods import METHODS, Method, get_method
+
+#: What an option is, for its ``--help`` line (other options are named by their keyword).
+OPTION_HELP: Dict[str, str] = {
+    "eps": "training radius in pixel units, e.g. 8/255",
+    "steps": "attack steps",
+}
+
+
+def options() -> List[str]:
+    """Every option some registered method takes, in order of first appearance."""
+    return list(dict.fromkeys(option for method in METHODS.values() for option in method.options))
+
+
+def takers(option: str) -> List[str]:
+    """The names of the methods that take ``option``."""
+    return [name for name, method in METHODS.items() if option in method.options]
+
+
+def flag(option: str) -> str:
+    """The command-line flag of ``option`` (``step_size`` → ``--step-size``)."""
+    return "--" + option.replace("_", "-")
+
+
+def _preset_default(method: Method, option: str) -> Any:
+    parameter = inspect.signature(method.trainer).parameters.get(option)
+    return None if parameter is None else parameter.default
+
+
+def _annotation(method: Method, option: str) -> str:
+    parameter = inspect.signature(method.trainer).parameters.get(option)
+    return "" if parameter is None else str(parameter.annotation)
+
+
+def _show(value: Any) -> str:
+    """A default as the help text shows it: ε-like floats as k/255."""
+    if isinstance(value, float) and not isinstance(value, bool):
+        levels = Fraction(value).limit_denominator(255)
+        if levels.denominator == 255 and abs(float(levels) - value) < 1e-12:
+            return f"{levels.numerator}/255"
+        return f"{value:g}"
+    return str(value)
+
+
+def _help(option: str) -> str:
+    what = OPTION_HELP.get(option, option.replace("_", " "))
+    users = takers(option)
+    shown = {name: _show(d) for name in users
+             for d in [_preset_default(METHODS[name], option)] if d is not None and d is not inspect.Parameter.empty}
+    if not shown:
+        default = "the method's"
+    else:
+        common, count = Counter(shown.values()).most_common(1)[0]
+        if count == 1:
+            default = ", ".join(f"{name} {value}" for name, value in shown.items())
+        else:
+            others = [f"{name} {value}" for name, value in shown.items() if value != common]
+            default = common + (f"; {', '.join(others)}" if others else "")
+    return f"{what}, for {', '.join(users)} (default {default})"
+
+
+def _kind(option: str, parsers: Dict[str, Callable[[str], Any]]) -> Dict[str, Any]:
+    """``add_argument`` keywords that parse ``option`` as its presets type it."""
+    if option in parsers:
+        return {"type": parsers[option]}
+    samples = [_preset_default(METHODS[name], option) for name in takers(option)]
+    annotation = " ".join(_annotation(METHODS[name], option) for name in takers(option))
+    if any(isinstance(s, bool) for s in samples) or "bool" in annotation:
+        return {"action": argparse.BooleanOptionalAction}
+    if any(isinstance(s, float) for s in samples) or "float" in annotation:
+        return {"type": float}
+    if any(isinstance(s, int) for s in samples) or "int" in annotation:
+        return {"type": int}
+    return {"type": str}
+
+
+def add_method_arguments(parser: argparse.ArgumentParser, default: str,
+                         parsers: Dict[str, Callable[[str], Any]]) -> None:
+    """Add ``--method`` (a registered method, ``default`` unless given)
+    and one flag per method option to ``parser``. ``parsers`` gives the value
+    parser of options that need their own (``eps``: a fraction in pixel units);
+    every flag defaults to None, meaning the method's own default."""
+    parser.add_argument("--method", choices=list(METHODS), default=default,
+                        help=f"training method (default: {default})")
+    taken = {action.dest for action in parser._actions}  # argparse keeps its actions private
+    for option in options():
+        if option in taken:
+            continue
+        metavar = option.upper() if option != "steps" else "K"
+        kind = _kind(option, parsers)
+        extra = {} if "action" in kind else {"metavar": metavar}
+        parser.add_argument(flag(option), dest=option, default=None, help=_help(option), **kind, **extra)
+
+
+def _join(names: Sequence[str], word: str) -> str:
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} {word} {names[-1]}"
+
+
+def method_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
+    """The preset keywords of ``args.method`` that the command sets: every
+    method option given a value. A value for an option the method does not
+    take, and ``--compile`` for a method that does not compile, are a
+    ``ValueError`` of one line saying what to do instead."""
+    method = get_method(args.method)
+    if getattr(args, "compile", False) and not method.compiles:
+        compiling = [name for name, m in METHODS.items() if m.compiles]
+        raise ValueError(f"--method {method.name} cannot train with --compile (its training loss needs a double "
+                         f"backward, which compiled graphs do not support): drop --compile "
+                         f"(methods that compile: {', '.join(compiling)})")
+    kwargs: Dict[str, Any] = {}
+    for option in options():
+        value = getattr(args, option, None)
+        if value is None:
+            continue
+        if option not in method.options:
+            users = takers(option)
+            raise ValueError(f"{flag(option)} applies to {_join(users, 'and')}, not {method.name}: "
+                             f"drop {flag(option)}, or use --method {_join(users, 'or')}")
+        kwargs[option] = value
+    return kwargs
+
+
+__all__ = ["OPTION_HELP", "add_method_arguments", "flag", "method_kwargs", "options", "takers"]
