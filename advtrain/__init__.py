@@ -8,7 +8,9 @@ The three interfaces:
   (:class:`ATTAPolicy`, :class:`APARTPolicy`);
 * :class:`Trainer` — the training loop, with method presets
   (:class:`FGSMTrainer`, :class:`FastATTrainer`, :class:`PGDTrainer`,
-  :class:`NFGSMTrainer`, :class:`ATTATrainer`, :class:`APARTTrainer`).
+  :class:`NFGSMTrainer`, :class:`ATTATrainer`, :class:`APARTTrainer`,
+  :class:`TRADESTrainer`, :class:`MARTTrainer`, :class:`GradAlignTrainer`,
+  :class:`FreeATTrainer`).
 
 Images are pixels in [0, 1], NCHW; ε is in pixel units; normalization lives
 inside the model.
@@ -16,7 +18,9 @@ inside the model.
 from .attacks import APGD, FGSM, FGSMRS, NFGSM, PGD, Attack
 from .data import DeviceLoader, cifar10, cifar100
 from .evaluation import evaluate
-from .models import Normalize, PreActResNet18, WideResNet
+from .methods import (FreeATPolicy, FreeATTrainer, GradAlignPolicy, GradAlignTrainer, MARTPolicy, MARTTrainer,
+                      TRADESPolicy, TRADESTrainer)
+from .models import Normalize, PreActResNet18, ResNet18, WideResNet
 from .policies import APARTPolicy, ATTAPolicy, AttackPolicy, Perturbation, PerturbationPolicy
 from .training import (APARTTrainer, ATTATrainer, Callback, FastATTrainer, FGSMTrainer, History, NFGSMTrainer,
                        PGDTrainer, Trainer)
@@ -27,7 +31,9 @@ __all__ = [
     "Attack", "FGSM", "FGSMRS", "NFGSM", "PGD", "APGD", "evaluate",
     "PerturbationPolicy", "Perturbation", "AttackPolicy", "ATTAPolicy", "APARTPolicy",
     "Trainer", "FGSMTrainer", "FastATTrainer", "PGDTrainer", "NFGSMTrainer", "ATTATrainer", "APARTTrainer",
+    "TRADESPolicy", "TRADESTrainer", "MARTPolicy", "MARTTrainer",
+    "GradAlignPolicy", "GradAlignTrainer", "FreeATPolicy", "FreeATTrainer",
     "Callback", "History",
     "DeviceLoader", "cifar10", "cifar100",
-    "PreActResNet18", "WideResNet", "Normalize",
+    "PreActResNet18", "ResNet18", "WideResNet", "Normalize",
 ]

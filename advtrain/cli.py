@@ -19,7 +19,6 @@ import argparse
 import importlib.util
 import json
 import os
-import re
 import subprocess
 import sys
 import warnings
@@ -32,18 +31,17 @@ from .cli_methods import add_method_arguments, method_kwargs
 from .config import RESERVED, load_config, resolve_config
 from .distributed import init_distributed, rank as process_rank, shutdown_distributed
 from .methods import METHODS, get_method
+from .models import model_names
 from .training.atomic import atomic_write_text
 from .training.callbacks import Callback
 from .training.run_lock import lock_run_dir
+from .training.schedules import NAMES as SCHEDULES, MultiStep, ScheduleLike
 
-MODELS = ("preactresnet18", "wideresnet", "smallcnn")
 SUITES = ("pgd20", "cw", "autoattack", "full")
 PRECISIONS = ("auto", "fp32", "bf16")
 CONFIG_NAME = "config.json"
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.jsonl"
-#: Model class names recorded in checkpoints, mapped to :func:`advtrain.models.build_model` names.
-MODEL_CLASSES = {"PreActResNet18": "preactresnet18", "WideResNet": "wideresnet", "SmallCNN": "smallcnn"}
 
 
 class CLIError(Exception):
@@ -96,6 +94,52 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+def parse_tau(text: str) -> float:
+    """Parse a weight-average decay τ in (0, 1), e.g. ``0.9995``."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must lie in (0, 1) (the decay per step, e.g. 0.9995), got {text}")
+    return value
+
+
+def parse_smoothing(text: str) -> float:
+    """Parse a label smoothing in [0, 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1), got {text}")
+    return value
+
+
+def schedule_spec(text: str) -> ScheduleLike:
+    """The ``Trainer(schedule=...)`` that a ``--schedule`` value stands for:
+    a schedule name, or ``multistep:EPOCHS[:GAMMA]`` — a :class:`MultiStep`
+    with the comma-separated milestone epochs and γ (default 0.1)."""
+    if text in SCHEDULES:
+        return text
+    kind, _, rest = text.partition(":")
+    if kind != "multistep" or not rest:
+        raise argparse.ArgumentTypeError(f"must be {', '.join(SCHEDULES)} or multistep:EPOCHS[:GAMMA] "
+                                         f"(e.g. multistep:100,150), got {text!r}")
+    milestones, _, gamma = rest.partition(":")
+    try:
+        return MultiStep([float(m) for m in milestones.split(",")], float(gamma) if gamma else 0.1)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
+
+
+def parse_schedule(text: str) -> str:
+    """Check a ``--schedule`` value (see :func:`schedule_spec`); the text
+    itself is kept, so that ``config.json`` records it as given."""
+    schedule_spec(text)
+    return text
+
+
 # ------------------------------------------------------------------- train
 def _train_parser(sub: Any) -> argparse.ArgumentParser:
     p = sub.add_parser(
@@ -108,7 +152,9 @@ def _train_parser(sub: Any) -> argparse.ArgumentParser:
                    help="TOML or JSON file of options (keys = flag names, with _ or -)")
     # --method and one flag per option of the registered methods (--eps, --steps, ...)
     add_method_arguments(p, default="apart", parsers={"eps": parse_eps, "steps": positive_int})
-    p.add_argument("--model", choices=MODELS, default="preactresnet18", help="model (default: preactresnet18)")
+    p.add_argument("--model", choices=model_names(), default="preactresnet18",
+                   help="model from advtrain's registry (default: preactresnet18); on --resume the checkpoint's "
+                        "recorded model, which this must name")
     p.add_argument("--dataset", choices=("cifar10", "cifar100"), default="cifar10", help="default: cifar10")
     p.add_argument("--data", default=None, metavar="DIR",
                    help="directory holding the official CIFAR python-format folder (required)")
@@ -117,8 +163,9 @@ def _train_parser(sub: Any) -> argparse.ArgumentParser:
                    help="epochs (default: the method's preset, 30; 15 for fgsm-rs)")
     p.add_argument("--batch-size", type=positive_int, default=128, metavar="N", help="default: 128")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the method's, 0.2)")
-    p.add_argument("--schedule", choices=("cyclic", "piecewise", "constant"), default=None,
-                   help="learning-rate schedule (default: cyclic)")
+    p.add_argument("--schedule", type=parse_schedule, default=None, metavar="SCHEDULE",
+                   help="learning-rate schedule: cyclic (default), piecewise, constant, onecycle, or "
+                        "multistep:EPOCHS[:GAMMA], e.g. multistep:100,150 (x0.1 at epochs 100 and 150)")
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="auto (default): bf16 autocast on CUDA, fp32 on CPU")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
@@ -136,6 +183,17 @@ def _train_parser(sub: Any) -> argparse.ArgumentParser:
                    help="test images used for evaluation (default 1000)")
     p.add_argument("--train-examples", type=positive_int, default=None, metavar="N",
                    help="use only the first N training images")
+    p.add_argument("--weight-average", type=parse_tau, default=None, metavar="TAU",
+                   help="keep an EMA of the weights with decay TAU per step (e.g. 0.9995), evaluated next to the "
+                        "raw model and used by `advtrain eval` (default: none)")
+    p.add_argument("--label-smoothing", type=parse_smoothing, default=None, metavar="S",
+                   help="label smoothing of the training loss, in [0, 1) (default: the method's, 0)")
+    p.add_argument("--val-examples", type=positive_int, default=None, metavar="N",
+                   help="hold out N training images (fixed by --seed), never trained on, for per-epoch "
+                        "validation clean and PGD-10 accuracy (default: none)")
+    p.add_argument("--keep-best", action="store_true",
+                   help="write OUT/best.pt with the model (raw or averaged) of best validation PGD-10 accuracy; "
+                        "needs --val-examples")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_train)
     return p
@@ -146,19 +204,52 @@ def build_trainer(args: argparse.Namespace, num_classes: int) -> Any:
     with the command's overrides."""
     import torch
 
-    from .models import build_model
-
     options = method_kwargs(args)  # an option the method does not take is refused before any work
     torch.manual_seed(args.seed)  # the same --seed gives the same initial weights
-    model = build_model(args.model, num_classes=num_classes)
+    model = _train_model(args, num_classes)
     kwargs: Dict[str, Any] = dict(batch_size=args.batch_size, precision=args.precision, compile=args.compile,
                                   device=args.device, seed=args.seed, run_dir=args.out,
                                   eval_every=max(args.eval_every, 0) or 10**9, eval_examples=args.eval_examples,
                                   progress=not args.no_progress)
-    for key in ("epochs", "lr", "schedule"):
+    for key in ("epochs", "lr"):
         if getattr(args, key) is not None:
             kwargs[key] = getattr(args, key)
+    if args.schedule is not None:
+        kwargs["schedule"] = schedule_spec(args.schedule)
+    for key in ("weight_average", "label_smoothing", "val_examples"):
+        if getattr(args, key) is not None:
+            kwargs[key] = getattr(args, key)
+    if args.keep_best:
+        if args.val_examples is None:
+            raise CLIError("--keep-best selects the best model on held-out validation images: add "
+                           "--val-examples N (e.g. 1000)")
+        from .diagnostics import RobustnessDropMonitor
+
+        kwargs["callbacks"] = [RobustnessDropMonitor()]  # reads the Trainer's validation accuracies
     return get_method(args.method).build(model, **kwargs, **options)
+
+
+def _train_model(args: argparse.Namespace, num_classes: int) -> Any:
+    """The model of ``advtrain train``: ``--model`` with its default
+    arguments, or on ``--resume`` the model recorded in ``OUT/checkpoint.pt``
+    (registry name and constructor arguments), which ``--model`` (from the
+    command line or ``OUT/config.json``) must name."""
+    from .models import build_model
+    from .training import load_checkpoint
+
+    if not args.resume:
+        return build_model(args.model, num_classes=num_classes)
+    path = Path(args.out) / CHECKPOINT_NAME
+    config = load_checkpoint(path).get("config", {})
+    name, kwargs = _recorded_model(config, path, "build it in Python and resume with Trainer.fit(..., resume=path)")
+    if name != args.model:
+        raise CLIError(f"cannot resume {path}: it was written for a different model, {name} ({config.get('model')}), "
+                       f"than the {args.model} that --model or {Path(args.out) / CONFIG_NAME} names; "
+                       f"pass --model {name}")
+    if kwargs.get("num_classes") != num_classes:
+        raise CLIError(f"cannot resume {path}: its model has {kwargs.get('num_classes')} classes and "
+                       f"{args.dataset} has {num_classes}; pass the run's --dataset")
+    return _rebuild(name, kwargs, path)
 
 
 def _read_splits(args: argparse.Namespace) -> Tuple[Any, Any]:
@@ -277,8 +368,8 @@ def _eval_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint file, or a run directory holding one")
     p.add_argument("--data", required=True, metavar="DIR",
                    help="directory holding the official CIFAR python-format folder")
-    p.add_argument("--model", choices=MODELS, default=None,
-                   help="model name (default: the one recorded in the checkpoint)")
+    p.add_argument("--model", choices=model_names(), default=None,
+                   help="the model the checkpoint must hold (default: the one it records)")
     p.add_argument("--dataset", choices=("cifar10", "cifar100"), default=None,
                    help="default: the run's, else cifar100 for 100 classes and cifar10 otherwise")
     p.add_argument("--suite", choices=SUITES, default="pgd20",
@@ -295,6 +386,10 @@ def _eval_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--no-masking-checks", action="store_true",
                    help="skip the cheap gradient-masking checks (probability outputs, zero input gradients, "
                         "randomized outputs) that run on the first 200 test images before the attacks")
+    p.add_argument("--weights", choices=("raw", "averaged"), default=None,
+                   help="which weights to evaluate: the averaged ones of a run with --weight-average, or the raw "
+                        "ones (default: the checkpoint's choice, i.e. averaged when it has an average and, in a "
+                        "best.pt, the weights that scored best)")
     p.set_defaults(func=run_eval)
     return p
 
@@ -324,37 +419,41 @@ def _locate_checkpoint(target: str) -> Tuple[Path, Dict[str, Any]]:
     return path, config
 
 
-def _strip_prefixes(weights: Dict[str, Any]) -> Dict[str, Any]:
-    """Drop the ``module.`` (DistributedDataParallel) and ``_orig_mod.``
-    (torch.compile) prefixes when every key carries them."""
-    for prefix in ("module.", "_orig_mod."):
-        if weights and all(k.startswith(prefix) for k in weights):
-            weights = {k[len(prefix):]: v for k, v in weights.items()}
-    return weights
+def _recorded_model(config: Dict[str, Any], path: Path, todo: str) -> Tuple[str, Dict[str, Any]]:
+    """The registry name and constructor arguments that checkpoint ``path``'s
+    ``config`` records, or a :class:`CLIError` that says why it records none
+    and, in ``todo``, what to do instead."""
+    if "model_name" not in config or not isinstance(config.get("model_kwargs"), dict):
+        raise CLIError(f"checkpoint {path} does not record its model's registry name and constructor arguments "
+                       f"(an older advtrain wrote it), so its model cannot be rebuilt: {todo}")
+    name, kind = config["model_name"], config.get("model")
+    if name not in model_names():
+        raise CLIError(f"checkpoint {path} holds a {kind}, which is not in advtrain's model registry "
+                       f"({', '.join(model_names())}): {todo}")
+    return name, dict(config["model_kwargs"])
 
 
-def _model_kwargs(name: str, weights: Dict[str, Any]) -> Dict[str, Any]:
-    """Constructor arguments of model ``name`` that reproduce ``weights``'
-    shapes (number of classes, width, depth, whether it normalizes)."""
-    kwargs: Dict[str, Any] = {"normalize": "normalize.mean" in weights}
-    if name == "preactresnet18":
-        kwargs.update(num_classes=weights["linear.weight"].shape[0], width=weights["conv1.weight"].shape[0])
-    elif name == "smallcnn":
-        kwargs.update(num_classes=weights["linear.weight"].shape[0], width=weights["stage1.0.weight"].shape[0])
-    elif name == "wideresnet":
-        blocks = {int(m.group(1)) for k in weights for m in [re.match(r"block1\.(\d+)\.", k)] if m}
-        kwargs.update(num_classes=weights["fc.weight"].shape[0], depth=6 * len(blocks) + 4,
-                      widen=max(1, weights["block1.0.conv1.weight"].shape[0] // 16))
-    return kwargs
-
-
-def load_model(checkpoint: str, model: Optional[str] = None) -> Tuple[Any, str, Dict[str, Any], Dict[str, Any]]:
-    """Rebuild the model saved in an advtrain checkpoint (file or run
-    directory). Returns ``(model, model name, checkpoint state, run config)``.
-    The model class is the one recorded in the checkpoint; ``model`` (a
-    :func:`~advtrain.models.build_model` name) must agree with it."""
+def _rebuild(name: str, kwargs: Dict[str, Any], path: Path) -> Any:
+    """``build_model(name, **kwargs)`` for the record of checkpoint ``path``."""
     from .models import build_model
-    from .training import CheckpointError, load_checkpoint
+
+    try:
+        return build_model(name, **kwargs)
+    except (TypeError, ValueError) as exc:
+        raise CLIError(f"checkpoint {path} records a {name} that this advtrain cannot build ({exc}): "
+                       "use the advtrain version that wrote it") from None
+
+
+def load_model(checkpoint: str, model: Optional[str] = None,
+               weights: Optional[str] = None) -> Tuple[Any, str, Dict[str, Any], Dict[str, Any]]:
+    """Rebuild the model saved in an advtrain checkpoint (file or run
+    directory) from the registry name and constructor arguments it records.
+    Returns ``(model, registry name, checkpoint state, run config)``.
+    ``model`` (a registry name), when given, must be the recorded one.
+    ``weights`` (``"raw"``, ``"averaged"``; default: the checkpoint's
+    choice) picks the weights loaded (see
+    :func:`advtrain.training.evaluation_weights`)."""
+    from .training import CheckpointError, evaluation_weights, load_checkpoint
 
     path, run_config = _locate_checkpoint(checkpoint)
     try:
@@ -365,34 +464,23 @@ def load_model(checkpoint: str, model: Optional[str] = None) -> Tuple[Any, str, 
         raise CLIError(f"{path} is not a readable advtrain checkpoint "
                        f"({type(exc.__cause__).__name__} while loading it): pass a checkpoint.pt written by "
                        "advtrain, or rerun the training that writes it") from None
-    recorded = state.get("config", {}).get("model")
-    name = MODEL_CLASSES.get(recorded) if recorded else run_config.get("model")
-    if recorded and name is None and model is None:
-        raise CLIError(f"checkpoint {path} holds a {recorded}, which is not one of advtrain's models "
-                       f"({', '.join(MODELS)}); load it in Python and use advtrain.evaluation.evaluate")
-    if model is not None:
-        if name is not None and name != model:
-            raise CLIError(f"checkpoint {path} was written for a {recorded or name} model, not {model} "
-                           f"(drop --model, or pass --model {name})")
-        name = model
-    if name is None:
-        raise CLIError(f"checkpoint {path} does not record its model; pass --model ({', '.join(MODELS)})")
-    weights = _strip_prefixes(dict(state["model"]))
-    kwargs = _model_kwargs(name, weights)
-    recorded_kwargs = state.get("config", {}).get("model_kwargs")
-    if recorded_kwargs:
-        kwargs.update(recorded_kwargs)
-    elif name == "preactresnet18":
-        # Checkpoints that record no constructor arguments were written when
-        # the projection shortcuts read the pre-activation.
-        kwargs["shortcut"] = "preact"
+    config = state.get("config", {})
+    name, kwargs = _recorded_model(config, path, "build the model in Python, load the checkpoint's weights "
+                                                 "(load_checkpoint(path)['model']) and call advtrain.evaluation.evaluate")
+    if model is not None and model != name:
+        raise CLIError(f"checkpoint {path} was written for a {name} model ({config.get('model')}), not {model} "
+                       f"(drop --model, or pass --model {name})")
+    net = _rebuild(name, kwargs, path)
     try:
-        net = build_model(name, **kwargs)
-        net.load_state_dict(weights)
-    except (KeyError, IndexError, RuntimeError) as exc:
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CLIError(f"checkpoint {path} does not hold {name} weights ({detail}): pass --model naming the "
-                       f"architecture it was trained with, or the checkpoint of a {name}") from None
+        chosen, _ = evaluation_weights(state, weights)
+    except ValueError as exc:
+        raise CLIError(f"checkpoint {path}: {exc} (drop --weights averaged)") from None
+    try:
+        net.load_state_dict(chosen)
+    except RuntimeError as exc:
+        detail = " ".join(str(exc).split())[:300]
+        raise CLIError(f"checkpoint {path} does not hold the weights of the {name} it records ({detail}): the "
+                       "model was changed after it was built; load the checkpoint in Python") from None
     return net, name, state, run_config
 
 
@@ -405,9 +493,11 @@ def run_eval(args: argparse.Namespace) -> int:
         raise CLIError(f"advtrain.evaluation is not available: {exc}") from None
     from .data import cifar10, cifar100
 
-    model, name, state, run_config = load_model(args.checkpoint, args.model)
-    num_classes = int(next(m for m in reversed(list(model.modules())) if isinstance(m, torch.nn.Linear))
-                      .out_features)
+    from .training import evaluation_weights
+
+    model, name, state, run_config = load_model(args.checkpoint, args.model, args.weights)
+    weights = evaluation_weights(state, args.weights)[1]
+    num_classes = int(state["config"]["model_kwargs"]["num_classes"])
     dataset = args.dataset or run_config.get("dataset") or ("cifar100" if num_classes == 100 else "cifar10")
     if not Path(args.data).is_dir():
         raise CLIError(f"data directory {args.data} does not exist: pass --data DIR holding the test split "
@@ -427,8 +517,9 @@ def run_eval(args: argparse.Namespace) -> int:
                           autocast_dtype=torch.bfloat16 if bf16 else None,
                           masking_checks=not args.no_masking_checks)
     result = {"checkpoint": str(args.checkpoint), "model": name, "dataset": dataset, "epoch": state.get("epoch"),
-              "suite": args.suite, "precision": "bf16" if bf16 else "fp32", **report.to_dict()}
-    print(f"{name} from {args.checkpoint} (epoch {state.get('epoch')}), {dataset} test split, suite {args.suite}")
+              "weights": weights, "suite": args.suite, "precision": "bf16" if bf16 else "fp32", **report.to_dict()}
+    print(f"{name} ({weights} weights) from {args.checkpoint} (epoch {state.get('epoch')}), {dataset} test split, "
+          f"suite {args.suite}")
     print(report)
     if args.out:
         out = Path(args.out)
@@ -624,5 +715,5 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 130
 
 
-__all__: List[str] = ["main", "make_parser", "parse_eps", "build_trainer", "run_train", "load_model",
-                      "recorded_options"]
+__all__: List[str] = ["main", "make_parser", "parse_eps", "parse_schedule", "schedule_spec", "build_trainer",
+                      "run_train", "load_model", "recorded_options"]

@@ -478,18 +478,139 @@ def test_eval_rebuilds_the_recorded_preactresnet18_variant(tmp_path, shortcut):
     torch.testing.assert_close(rebuilt.eval()(x), model.cpu().eval()(x), rtol=0, atol=0)
 
 
-def test_eval_rebuilds_a_checkpoint_without_recorded_arguments_as_the_preact_variant(tmp_path):
-    """Checkpoints written before the constructor arguments were recorded
-    come from the network whose projection shortcuts read the pre-activation."""
-    from advtrain.training import load_checkpoint, save_checkpoint
+def _fit_checkpoint(run_dir: Path, model: torch.nn.Module) -> Path:
+    """Train ``model`` one epoch on 16 random images; returns its checkpoint file."""
+    Trainer(model, epochs=1, batch_size=16, progress=False, eval_every=0, run_dir=run_dir).fit(
+        (torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8), torch.arange(16) % 10))
+    return run_dir / "checkpoint.pt"
+
+
+@pytest.mark.parametrize("name, kwargs", [
+    ("resnet18", dict(width=2, normalize=False)),
+    ("wideresnet", dict(depth=10, widen=1, dropout=0.25)),  # dropout leaves no trace in the weights
+])
+def test_eval_rebuilds_the_recorded_registry_model_and_arguments(tmp_path, name, kwargs):
+    from advtrain.models import build_model, model_record
 
     torch.manual_seed(0)
-    model = PreActResNet18(width=2, shortcut="preact")
-    Trainer(model, epochs=1, batch_size=16, progress=False, eval_every=0, run_dir=tmp_path).fit(
-        (torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8), torch.arange(16) % 10))
-    state = load_checkpoint(tmp_path / "checkpoint.pt")
-    del state["config"]["model_kwargs"]
-    save_checkpoint(tmp_path / "old.pt", {k: v for k, v in state.items() if k not in ("format", "version", "sha256")})
-    rebuilt, _, _, _ = cli.load_model(str(tmp_path / "old.pt"))
-    assert not rebuilt.layer2[0].shortcut_from_input
+    model = build_model(name, num_classes=10, **kwargs)
+    _fit_checkpoint(tmp_path, model)
+    rebuilt, rebuilt_name, state, _ = cli.load_model(str(tmp_path))
+    assert rebuilt_name == name == state["config"]["model_name"]
+    assert model_record(rebuilt) == model_record(model) == (name, {**state["config"]["model_kwargs"]})
+    x = torch.rand(2, 3, 32, 32)
+    torch.testing.assert_close(rebuilt.eval()(x), model.cpu().eval()(x))
 
+
+def test_a_checkpoint_without_a_model_record_is_refused_by_eval_and_resume(data_dir, tmp_path, capsys):
+    """Checkpoints of an advtrain that recorded no registry name and
+    arguments: eval and resume refuse them in one line saying what to do."""
+    from advtrain.training import load_checkpoint, save_checkpoint
+
+    run = tmp_path / "run"
+    assert run_cli(capsys, "train", "--method", "standard", "--data", data_dir, "--epochs", "1", "--out", run,
+                   *TINY)[0] == 0
+    state = load_checkpoint(run / "checkpoint.pt")
+    del state["config"]["model_name"], state["config"]["model_kwargs"]
+    save_checkpoint(run / "checkpoint.pt", {k: v for k, v in state.items() if k not in ("format", "version", "sha256")})
+    rc, _, err = run_cli(capsys, "eval", run, "--data", data_dir)
+    assert rc == 2
+    assert_one_error_line(err, "does not record its model's registry name", "advtrain.evaluation.evaluate")
+    before = (run / "config.json").read_text()
+    rc, _, err = run_cli(capsys, "train", "--out", run, "--resume", "--epochs", "2")
+    assert rc == 2
+    assert_one_error_line(err, "does not record its model's registry name", "Trainer.fit(..., resume=path)")
+    assert (run / "config.json").read_text() == before
+
+
+def test_eval_refuses_a_model_outside_the_registry(data_dir, tmp_path, capsys):
+    class Wider(PreActResNet18):  # a subclass is another model: its forward may differ
+        pass
+
+    _fit_checkpoint(tmp_path, Wider(width=2))
+    rc, _, err = run_cli(capsys, "eval", tmp_path, "--data", data_dir)
+    assert rc == 2
+    assert_one_error_line(err, "holds a Wider", "not in advtrain's model registry", "resnet18")
+
+
+def test_resume_rebuilds_the_model_the_checkpoint_records(data_dir, tmp_path, capsys):
+    """A run whose checkpoint holds a SmallCNN of width 4 (not --model's
+    default width 16) resumes with that model, from the record alone."""
+    from advtrain.data import cifar10
+    from advtrain.models import SmallCNN
+    from advtrain.training import load_checkpoint
+
+    run = tmp_path / "run"
+    assert run_cli(capsys, "train", "--method", "standard", "--data", data_dir, "--epochs", "1", "--out", run,
+                   *TINY)[0] == 0
+    torch.manual_seed(0)
+    Trainer(SmallCNN(width=4), epochs=1, batch_size=64, progress=False, eval_every=0, run_dir=run, seed=0,
+            device="cpu").fit(cifar10(data_dir, train=True))
+    rc, stdout, err = run_cli(capsys, "train", "--out", run, "--resume", "--epochs", "2")
+    assert rc == 0, err
+    assert "done: standard smallcnn 2 epochs" in stdout
+    state = load_checkpoint(run / "checkpoint.pt")
+    assert state["epoch"] == 2 and state["config"]["model_kwargs"]["width"] == 4
+
+
+def test_resume_refuses_a_dataset_with_another_number_of_classes(data_dir, tmp_path, capsys):
+    from advtrain.models import SmallCNN
+
+    run = tmp_path / "run"
+    assert run_cli(capsys, "train", "--method", "standard", "--data", data_dir, "--epochs", "1", "--out", run,
+                   *TINY)[0] == 0
+    Trainer(SmallCNN(3, width=4), epochs=1, batch_size=16, progress=False, eval_every=0, run_dir=run).fit(
+        (torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8), torch.arange(16) % 3))
+    rc, _, err = run_cli(capsys, "train", "--out", run, "--resume", "--epochs", "2")
+    assert rc == 2
+    assert_one_error_line(err, "cannot resume", "its model has 3 classes and cifar10 has 10", "--dataset")
+
+
+def test_checkpoints_record_the_registry_name_and_arguments_or_only_the_class(tmp_path):
+    from advtrain.models import SmallCNN
+    from advtrain.training import CheckpointError
+
+    config = Trainer(SmallCNN(3, width=4), progress=False).config()
+    assert (config["model"], config["model_name"]) == ("SmallCNN", "smallcnn")
+    assert config["model_kwargs"] == {"num_classes": 3, "width": 4, "normalize": True}
+    custom = Trainer(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10)), progress=False)
+    assert {k: custom.config()[k] for k in ("model", "model_name", "model_kwargs")} == \
+        {"model": "Sequential", "model_name": None, "model_kwargs": {}}
+    # another registered model is refused by name
+    _fit_checkpoint(tmp_path, PreActResNet18(width=2))
+    from advtrain.models import ResNet18
+    with pytest.raises(CheckpointError, match=r"different model: preactresnet18 \(PreActResNet18\), not this resnet18"):
+        Trainer(ResNet18(width=2), epochs=2, progress=False, run_dir=tmp_path).fit(
+            (torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8), torch.arange(16) % 10), resume=True)
+
+
+# ---------------------------------------------------------------- schedules
+@pytest.mark.parametrize("text, milestones, gamma", [("multistep:100,150", (100.0, 150.0), 0.1),
+                                                     ("multistep:2.5:0.5", (2.5,), 0.5)])
+def test_multistep_schedule_flag(text, milestones, gamma):
+    from advtrain.training import MultiStep
+
+    spec = cli.schedule_spec(cli.parse_schedule(text))
+    assert isinstance(spec, MultiStep) and (spec.milestones, spec.gamma) == (milestones, gamma)
+    args = cli.make_parser().parse_args(["train", "--model", "smallcnn", "--schedule", text, "--lr", "0.4",
+                                         "--epochs", "200", "--device", "cpu", "--no-progress"])
+    trainer = cli.build_trainer(args, num_classes=10)
+    assert trainer.lr_schedule(milestones[0] - 0.01) == pytest.approx(0.4)
+    assert trainer.lr_schedule(milestones[0]) == pytest.approx(0.4 * gamma)
+    assert resolve_config(cli._subparser(cli.make_parser(), "train"), {"schedule": text}) == {"schedule": text}
+
+
+@pytest.mark.parametrize("value, fragment", [("cosine", "multistep:EPOCHS[:GAMMA]"), ("multistep:", "multistep:"),
+                                             ("multistep:150,100", "increasing"), ("multistep:10:0", "gamma"),
+                                             ("multistep:ten", "could not convert")])
+def test_bad_schedule_values_are_one_error_line(data_dir, capsys, value, fragment):
+    rc, _, err = run_cli(capsys, "train", "--schedule", value, "--data", data_dir)
+    assert rc == 2
+    assert_one_error_line(err, "--schedule", fragment)
+
+
+def test_onecycle_is_a_schedule_choice(data_dir, tmp_path, capsys):
+    args = cli.make_parser().parse_args(["train", "--model", "smallcnn", "--schedule", "onecycle", "--lr", "0.1",
+                                         "--epochs", "10", "--device", "cpu"])
+    trainer = cli.build_trainer(args, num_classes=10)
+    assert trainer.lr_schedule(0) == pytest.approx(0.1 / 25) and trainer.lr_schedule(3) == pytest.approx(0.1)

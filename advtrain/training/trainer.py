@@ -5,9 +5,8 @@ import dataclasses
 import math
 import time
 import warnings
-from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, ContextManager, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -20,20 +19,24 @@ from ..attacks.pgd import PGD
 from ..data.augment import check_fill
 from ..data.batch import Batch
 from ..data.loader import DeviceLoader, as_tensors
-from ..evaluation.accuracy import correct_predictions
 from ..models.input_only import InputOnlyGradients
 from ..models.registry import model_record
 from ..models.sites import SiteDelta, perturb_sites
 from ..policies.attack_policy import CleanPolicy
 from ..policies.base import LossContext, PerturbationPolicy, PolicyContext
+from ..utils.batches import batched_correctness
+from ..utils.devices import default_device
+from ..utils.precision import mixed_precision
+from ..utils.progress import progress_bar
 from .atomic import remove_stale_temp_files
 from .callbacks import Callback
 from .checkpoint import CheckpointError, NonFiniteCheckpointError, load_checkpoint, non_finite_entries, save_checkpoint
 from .history import History
 from .output_check import check_model_outputs
-from .progress import ProgressBar
 from .run_lock import lock_run_dir
 from .schedules import ScheduleLike, make_schedule
+from .validation import pgd10, train_val_split
+from .weight_average import WEIGHTS, WeightAverage, as_weight_average
 
 PRECISIONS = ("auto", "fp32", "bf16")
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -91,6 +94,14 @@ class Trainer:
         label_smoothing: label smoothing of the training cross-entropy, in
             [0, 1) (0: none); the policy's loss applies it (see
             :class:`~advtrain.policies.LossContext`).
+        weight_average: keep an exponential moving average of the weights,
+            updated after every optimizer step (every replay of a replaying
+            policy): a decay τ per step (e.g. 0.9995, the FastAT Benchmark's)
+            or a :class:`~advtrain.training.WeightAverage` (τ and warm-up;
+            BatchNorm statistics are averaged too). The averaged model is
+            evaluated next to the raw one (``wa_clean_acc``, ``wa_robust_acc``,
+            ``wa_val_*``) and saved in checkpoints, and ``advtrain eval``
+            evaluates it by default.
         precision: ``"auto"`` (bf16 autocast on CUDA, fp32 on CPU), ``"fp32"``
             or ``"bf16"``.
         channels_last: use channels-last memory format (default: on, on every
@@ -105,6 +116,17 @@ class Trainer:
         eval_examples: how many evaluation images to use (``None``: all).
         eval_attack: attack for robust accuracy (default PGD-20 at 8/255);
             ``None`` reports clean accuracy only.
+        val_examples: hold out this many training examples (a random subset
+            fixed by ``seed``, 0 when ``seed`` is None; see
+            :func:`~advtrain.training.train_val_split`) that are never trained
+            on; every ``eval_every`` epochs (and after the last) the raw and
+            averaged models' clean and ``val_attack`` accuracy on them go in
+            the record (``val_clean_acc``, ``val_robust_acc``,
+            ``wa_val_clean_acc``, ``wa_val_robust_acc``), where a
+            :class:`~advtrain.diagnostics.RobustnessDropMonitor` without data
+            reads them to keep the best checkpoint.
+        val_attack: attack for validation robust accuracy (default PGD-10 at
+            8/255, step 2/255, the FastAT Benchmark's); ``None``: clean only.
         run_dir: directory for ``metrics.jsonl`` and checkpoints.
         checkpoint_every: write a checkpoint every this many epochs (and after
             the last).
@@ -136,6 +158,7 @@ class Trainer:
         weight_decay: float = 5e-4,
         nesterov: bool = False,
         label_smoothing: float = 0.0,
+        weight_average: Union[None, float, WeightAverage] = None,
         precision: str = "auto",
         channels_last: Optional[bool] = None,
         compile: bool = False,
@@ -144,6 +167,8 @@ class Trainer:
         eval_examples: Optional[int] = 1000,
         eval_batch_size: int = 256,
         eval_attack: Optional[Attack] = pgd20(),
+        val_examples: Optional[int] = None,
+        val_attack: Optional[Attack] = pgd10(),
         run_dir: Union[str, Path, None] = None,
         checkpoint_every: int = 1,
         keep_checkpoints: bool = False,
@@ -158,6 +183,14 @@ class Trainer:
             raise TypeError(f"policy must be a PerturbationPolicy, got {type(policy).__name__}")
         if eval_attack is not None and not isinstance(eval_attack, Attack):
             raise TypeError(f"eval_attack must be an advtrain Attack or None, got {type(eval_attack).__name__}")
+        if val_attack is not None and not isinstance(val_attack, Attack):
+            raise TypeError(f"val_attack must be an advtrain Attack or None, got {type(val_attack).__name__}")
+        if val_examples is not None:
+            check_positive_int(val_examples, "val_examples")
+        self.weight_average = as_weight_average(weight_average)
+        self.val_examples = val_examples
+        self.val_attack = val_attack
+        self._val: Optional[Tuple[Tensor, Tensor]] = None  # the held-out split, once setup carved it
         self.epochs = check_positive_int(epochs, "epochs")
         self.batch_size = check_positive_int(batch_size, "batch_size")
         self.pad_fill = check_fill(pad_fill, "pad_fill")
@@ -188,7 +221,7 @@ class Trainer:
         elif self.distributed:
             self.device = dist_utils.local_device()
         else:
-            self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            self.device = default_device()
         self.channels_last = True if channels_last is None else bool(channels_last)
         self.model = model.to(self.device)
         if self.channels_last:
@@ -219,6 +252,8 @@ class Trainer:
         self.nesterov = bool(nesterov)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=self.lr, momentum=self.momentum,
                                          weight_decay=self.weight_decay, nesterov=self.nesterov)
+        if self.weight_average is not None:
+            self.weight_average.attach(self.model)
         self.eval_examples = eval_examples
         self.eval_attack = eval_attack
         self.run_dir = Path(run_dir) if run_dir is not None else None
@@ -244,9 +279,9 @@ class Trainer:
             return torch.bfloat16
         return None
 
-    def _autocast(self):
-        dtype = self.autocast_dtype
-        return torch.autocast(self.device.type, dtype=dtype) if dtype is not None else nullcontext()
+    def _autocast(self) -> ContextManager[None]:
+        """Autocast with :attr:`autocast_dtype` on the trainer's device, or full precision."""
+        return mixed_precision(self.device, self.autocast_dtype)
 
     def config(self) -> Dict[str, Any]:
         """The run's settings as plain values (recorded in checkpoints): the
@@ -263,7 +298,22 @@ class Trainer:
             "precision": self.precision,
             "eval_attack": repr(self.eval_attack),
             "pad_fill": self.loader.pad_fill if self.loader is not None else self.pad_fill,
+            "weight_average": self.weight_average.config() if self.weight_average is not None else None,
+            "val_examples": self.val_examples, "val_attack": repr(self.val_attack),
         }
+
+    def _hold_out_validation(self, train: Any) -> Any:
+        """The training part of ``train``, keeping ``val_examples`` of it aside
+        (split by ``seed``, 0 when None: the same split on every rank)."""
+        if self.val_examples is None:
+            return train
+        if isinstance(train, DeviceLoader):
+            raise ValueError("val_examples needs the training data itself, not a DeviceLoader: pass the dataset "
+                             "to fit, or split it with advtrain.training.train_val_split and build the loader "
+                             "from the training part")
+        train, val = train_val_split(train, self.val_examples, self.seed if self.seed is not None else 0)
+        self._val = (val.images, val.labels)
+        return train
 
     def _make_loader(self, train: Any) -> DeviceLoader:
         shards, shard = (self.world_size, self.rank) if self.distributed else (1, None)
@@ -281,7 +331,10 @@ class Trainer:
     # ------------------------------------------------------------- checkpoints
     def state_dict(self) -> Dict[str, Any]:
         """Everything needed to resume: model, optimizer, schedule position,
-        policy, loader and RNG states, history and callback states."""
+        policy, loader and RNG states, history and callback states, the
+        weight average (``weight_average``), and which weights an evaluation
+        of the checkpoint should use (``eval_weights``: ``"averaged"`` with
+        weight averaging, else ``"raw"``)."""
         state: Dict[str, Any] = {
             "epoch": self.epoch,
             "global_step": self.global_step,
@@ -298,6 +351,9 @@ class Trainer:
             state["rng"]["cuda"] = torch.cuda.get_rng_state_all()
         if self.loader is not None:
             state["loader"] = self.loader.state_dict()
+        if self.weight_average is not None:
+            state["weight_average"] = self.weight_average.state_dict()
+        state["eval_weights"] = "averaged" if self.weight_average is not None else "raw"
         return state
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
@@ -325,6 +381,13 @@ class Trainer:
                                   f"{_WEIGHTS_ONLY_HINT}") from exc
         if self.loader is not None and "loader" in state:
             self.loader.load_state_dict(state["loader"])
+        if self.weight_average is not None and "weight_average" in state:
+            try:
+                self.weight_average.load_state_dict(state["weight_average"])
+            except (RuntimeError, ValueError) as exc:
+                raise CheckpointError(f"the checkpoint's weight average does not fit this model: {exc}") from exc
+        elif self.weight_average is not None:  # a run without one: the average starts at the next step
+            self.weight_average.attach(self.model)
         for cb in self.callbacks:
             if cb.name in state.get("callbacks", {}):
                 cb.load_state_dict(state["callbacks"][cb.name])
@@ -372,8 +435,10 @@ class Trainer:
         except CheckpointError as exc:
             raise CheckpointError(f"cannot take the initial weights from {path}: {exc}") from exc
 
-    def save_checkpoint(self, path: Union[str, Path, None] = None) -> Path:
+    def save_checkpoint(self, path: Union[str, Path, None] = None, *, eval_weights: Optional[str] = None) -> Path:
         """Write a checkpoint atomically (default ``run_dir/checkpoint.pt``).
+        ``eval_weights`` (``"raw"`` or ``"averaged"``) overrides which weights
+        an evaluation of it uses (the best-checkpoint monitor's choice).
 
         In a distributed run rank 0 writes ``path`` and every rank ``r`` also
         writes ``<path stem>.rank<r>.pt`` with its own policy state (its shard
@@ -389,6 +454,10 @@ class Trainer:
             path = main_path
         path = Path(path)
         state = self.state_dict()
+        if eval_weights is not None:
+            state["eval_weights"] = check_choice(eval_weights, "eval_weights", WEIGHTS)
+            if eval_weights == "averaged" and self.weight_average is None:
+                raise ValueError("eval_weights='averaged' needs a Trainer with weight_average")
         try:
             if self.distributed:
                 bad = non_finite_entries(state)  # every rank decides alike before any rank writes
@@ -452,19 +521,48 @@ class Trainer:
     def evaluate(self, images: Tensor, labels: Tensor) -> Dict[str, float]:
         """Clean and (with ``eval_attack``) robust accuracy of the model, in
         eval mode, on the given images (uint8 or pixels in [0,1])."""
+        return self._accuracies(self.forward_model, images, labels, self.eval_attack)
+
+    def validate(self) -> Dict[str, float]:
+        """Clean and ``val_attack`` accuracy on the held-out split
+        (``val_examples``) of the raw model (``val_clean_acc``,
+        ``val_robust_acc``) and, with weight averaging, of the averaged one
+        (``wa_val_clean_acc``, ``wa_val_robust_acc``). The attack's random
+        starts come from a fork of the RNG seeded with :attr:`epoch`: both
+        models meet the same starts, and the training run's random stream
+        is left as it was. Needs :meth:`setup` (or :meth:`fit`) first."""
+        if self._val is None:
+            raise RuntimeError("validate needs Trainer(val_examples=N) and setup(train) (or fit) first")
+        images, labels = self._val
+        out = self._accuracies(self.forward_model, images, labels, self.val_attack, "val_", seed=self.epoch)
+        if self.weight_average is not None:
+            out.update(self._accuracies(self.weight_average.module, images, labels, self.val_attack, "wa_val_",
+                                        seed=self.epoch))
+        return out
+
+    def _accuracies(self, model: nn.Module, images: Tensor, labels: Tensor, attack: Optional[Attack],
+                    prefix: str = "", seed: Optional[int] = None) -> Dict[str, float]:
+        """``{prefix}clean_acc`` and (with ``attack``) ``{prefix}robust_acc``
+        of ``model``; with ``seed``, the attack draws from a fork of the RNG
+        seeded with it (plus the rank)."""
         if self.distributed:  # each rank evaluates its share; counts are summed
             images, labels = images[self.rank::self.world_size], labels[self.rank::self.world_size]
         kw = dict(batch_size=self.eval_batch_size, device=self.device, autocast_dtype=self.autocast_dtype)
-        counts = [correct_predictions(self.forward_model, images, labels, **kw).sum()]
-        if self.eval_attack is not None:
-            counts.append(correct_predictions(self.forward_model, images, labels, self.eval_attack, **kw).sum())
-        totals = torch.tensor([float(c) for c in counts] + [float(labels.shape[0])], device=self.device)
+        forked = seed is not None
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else [], enabled=forked):
+            if forked:
+                torch.manual_seed(seed + self.rank)
+            counts = [batched_correctness(model, images, labels, **kw).sum()]
+            if attack is not None:
+                counts.append(batched_correctness(model, images, labels, attack, **kw).sum())
+        total = torch.full((1,), float(labels.shape[0]), device=self.device)
+        totals = torch.cat([torch.stack(counts).float(), total])  # read back once, below
         if self.distributed:
             dist_utils.all_reduce_sum(totals)
         *correct, n = totals.tolist()
-        out = {"clean_acc": correct[0] / n}
-        if self.eval_attack is not None:
-            out["robust_acc"] = correct[1] / n
+        out = {f"{prefix}clean_acc": correct[0] / n}
+        if attack is not None:
+            out[f"{prefix}robust_acc"] = correct[1] / n
         return out
 
     # ------------------------------------------------------------------- loop
@@ -508,6 +606,8 @@ class Trainer:
         """Prepare a run without training it: build the training loader from
         ``train`` (as :meth:`fit` does), check the model's outputs, set up the
         policy, and load ``init_weights`` or ``resume``. Returns the loader.
+        With ``val_examples``, the validation split is carved out of
+        ``train`` first and the loader holds the remaining examples.
 
         :meth:`fit` calls it; call it yourself, then :meth:`train_epoch`, to
         drive the epochs one at a time (the benchmarks do). It takes no lock
@@ -519,7 +619,7 @@ class Trainer:
         self._checkpoint_epoch = None
         if self.seed is not None:
             torch.manual_seed(self.seed + self.rank)
-        self.loader = loader = self._make_loader(train)
+        self.loader = loader = self._make_loader(self._hold_out_validation(train))
         # Once per run, on the plain model (never the compiled one, whose
         # graphs keep the training shapes): labels beyond the model's outputs
         # and probability outputs are reported before any step.
@@ -564,10 +664,18 @@ class Trainer:
                 cb.on_epoch_start(self, epoch)
             record = self.train_epoch()
             last = self.epoch == self.epochs
-            if eval_images is not None and (self.epoch % self.eval_every == 0 or last):
+            due = self.eval_every > 0 and (self.epoch % self.eval_every == 0 or last)
+            if eval_images is not None and due:
                 t0 = time.perf_counter()
                 record.update(self.evaluate(eval_images, eval_labels))
+                if self.weight_average is not None:
+                    record.update(self._accuracies(self.weight_average.module, eval_images, eval_labels,
+                                                   self.eval_attack, "wa_", seed=self.epoch))
                 record["eval_time"] = time.perf_counter() - t0
+            if self._val is not None and due:
+                t0 = time.perf_counter()
+                record.update(self.validate())
+                record["val_time"] = time.perf_counter() - t0
             for cb in self.callbacks:
                 cb.on_epoch_end(self, epoch, record)
             if self.distributed:  # stop together when any rank's callback asks to
@@ -595,8 +703,8 @@ class Trainer:
 
     def train_step(self, batch: Batch) -> Tuple[Tensor, Tensor]:
         """One optimizer step on ``batch``: the policy's perturbation and
-        training loss, its backward, the optimizer step, then the policy's
-        ``after_step``. Returns the loss and the number of correct predictions
+        training loss, its backward, the optimizer step (and the weight
+        average's update), then the policy's ``after_step``. Returns the loss and the number of correct predictions
         as device tensors (no host synchronisation). A replaying policy
         (Free-AT) gets :attr:`replays` of these per batch from the epoch loop."""
         if self.channels_last:
@@ -611,6 +719,8 @@ class Trainer:
         if self.distributed:  # the policy's learnable tensors stay equal on every rank
             dist_utils.average_gradients(self.policy.parameters())
         self.optimizer.step()
+        if self.weight_average is not None:
+            self.weight_average.update(self.model)
         self.policy.after_step(self.forward_model, batch, pert)
         correct = (out.logits.detach().argmax(1) == batch.y).sum()
         return out.loss.detach(), correct
@@ -636,7 +746,7 @@ class Trainer:
         steps = len(loader)
         loader.set_epoch(epoch)
         self.policy.start_epoch(epoch)
-        bar = ProgressBar(steps, f"epoch {epoch + 1}/{self.epochs}", enabled=self.progress)
+        bar = progress_bar(steps, f"epoch {epoch + 1}/{self.epochs}", enabled=self.progress)
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device, dtype=torch.long)
         seen = 0
@@ -659,7 +769,9 @@ class Trainer:
             if self.progress and ((i + 1) % log_every == 0 or i + 1 == steps):
                 mean_loss = float(loss_sum) / seen  # a host sync for the progress bar
                 self._check_finite(mean_loss, epoch, i + 1)
-                bar.update(i + 1 - bar.count, loss=mean_loss, acc=float(correct) / seen, lr=lr)
+                bar.set_postfix({"loss": f"{mean_loss:.4g}", "acc": f"{float(correct) / seen:.4g}", "lr": f"{lr:.4g}"},
+                                refresh=False)
+                bar.update(i + 1 - bar.n)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         elapsed = time.perf_counter() - start
@@ -668,6 +780,8 @@ class Trainer:
         if self.distributed:
             dist_utils.all_reduce_sum(totals)
             dist_utils.average_buffers(self.model)
+            if self.weight_average is not None:  # every rank then holds (and resumes) the same average
+                dist_utils.average_buffers(self.weight_average.module)
         loss_total, correct_total, seen_total = totals.tolist()
         self._check_finite(loss_total, epoch, steps)
         record: Dict[str, Any] = {
@@ -689,7 +803,9 @@ def _rank_path(path: Path, rank: int) -> Path:
 def _summary(record: Dict[str, Any]) -> str:
     parts = [f"epoch {record['epoch']}"]
     for key, label in (("train_loss", "loss"), ("train_acc", "train_acc"), ("clean_acc", "clean_acc"),
-                       ("robust_acc", "robust_acc"), ("time", "time_s")):
+                       ("robust_acc", "robust_acc"), ("wa_robust_acc", "wa_robust_acc"),
+                       ("val_robust_acc", "val_robust_acc"), ("wa_val_robust_acc", "wa_val_robust_acc"),
+                       ("time", "time_s")):
         if record.get(key) is not None:
             parts.append(f"{label}={record[key]:.4f}" if key != "time" else f"{label}={record[key]:.1f}")
     return "  ".join(parts)
