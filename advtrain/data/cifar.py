@@ -33,6 +33,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from ..utils.pixels import to_pixels
+
 PathLike = Union[str, os.PathLike]
 
 
@@ -89,7 +91,7 @@ class ArrayDataset(Dataset):
         return int(self.images.shape[0])
 
     def __getitem__(self, i: int) -> Tuple[Tensor, int]:
-        return self.images[i].to(torch.float32).div_(255.0), int(self.labels[i])
+        return to_pixels(self.images[i]), int(self.labels[i])
 
     def subset(self, indices: Union[int, Sequence[int], Tensor]) -> "ArrayDataset":
         """The examples at ``indices`` (an int ``n`` means the first ``n``), as a

@@ -26,6 +26,8 @@ from torch import Tensor
 from torch.utils.data import Dataset, TensorDataset
 
 from .._validation import check_positive_int
+from ..utils.devices import default_device
+from ..utils.pixels import to_pixels
 from .augment import apply_augmentation, check_fill, random_augmentation
 from .batch import Augmentation, Batch
 from .cifar import ArrayDataset
@@ -194,12 +196,7 @@ def _from_items(dataset: Any) -> Tuple[Tensor, Tensor]:
     if all(t.dtype == torch.uint8 for t in images):
         stacked = torch.stack(images)
     else:
-        stacked = torch.stack(
-            [
-                t.to(torch.float32) / 255.0 if t.dtype == torch.uint8 else t.to(torch.float32)
-                for t in images
-            ]
-        )
+        stacked = torch.stack([to_pixels(t) for t in images])
     label_tensor = torch.tensor(labels, dtype=torch.int64)
     if int(label_tensor.min()) < 0:
         raise ValueError(
@@ -219,9 +216,7 @@ def _resolve_device(device: Union[None, str, torch.device], images: Tensor) -> t
         return torch.device(device)
     if images.device.type != "cpu":
         return images.device
-    if torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+    return default_device()
 
 
 class DeviceLoader:
@@ -385,7 +380,7 @@ class DeviceLoader:
 
     def _to_float(self, x: Tensor) -> Tensor:
         work = self.dtype if self.dtype in (torch.float32, torch.float64) else torch.float32
-        return x.to(work).div_(255.0).to(self.dtype)
+        return to_pixels(x, work).to(self.dtype)
 
     def __iter__(self) -> Iterator[Batch]:
         if self._position >= len(self):

@@ -13,10 +13,10 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
-import torch
 from torch import Tensor
 
 from ..training.history import History
+from ..utils.pixels import to_pixels
 from .strength import StrengthResult
 
 if TYPE_CHECKING:
@@ -184,8 +184,7 @@ def plot_perturbation_grid(
     rows = min(int(n_images), images.shape[0])
     if rows < 1:
         raise ValueError("n_images must be >= 1 and images non-empty")
-    x = images[:rows].detach().cpu()
-    x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
+    x = to_pixels(images[:rows].detach().cpu())
     deltas: Dict[int, Tensor] = {e: perturbations_by_epoch[e][:rows].detach().cpu().float() for e in shown}
     for e, d in deltas.items():
         if d.shape != x.shape:

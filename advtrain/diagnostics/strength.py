@@ -18,6 +18,7 @@ accuracies are fractions in [0, 1].
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Union
 
@@ -26,26 +27,20 @@ import torch
 from torch import Tensor, nn
 
 from .._validation import check_choice, check_eps, check_positive_int
-from ..attacks.base import Attack, model_mode
+from ..attacks.base import Attack
 from ..data.batch import Batch
-from ..evaluation.evaluator import _as_image_label_tensors
+from ..evaluation.inputs import image_label_tensors
 from ..policies.base import PerturbationPolicy
 from ..policies.store import PerExampleStore
 from ..training.callbacks import Callback
+from ..utils.batches import batched_correctness, device_batches
+from ..utils.devices import DeviceLike, model_device, resolve_device
+from ..utils.precision import mixed_precision
 
 if TYPE_CHECKING:
     from ..training.trainer import Trainer
 
 NOISES = ("uniform", "sign")
-
-
-def _float_images(images: Tensor) -> Tensor:
-    return images.float().div(255) if images.dtype == torch.uint8 else images.float()
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    param = next(model.parameters(), None)
-    return param.device if param is not None else torch.device("cpu")
 
 
 class PerturbationRecorder(Callback):
@@ -93,7 +88,7 @@ class PerturbationRecorder(Callback):
         batch_size: int = 256,
         seed: int = 0,
     ) -> None:
-        images, labels = _as_image_label_tensors((probe_images, probe_labels))
+        images, labels = image_label_tensors((probe_images, probe_labels))
         if source is not None and not isinstance(source, (PerturbationPolicy, Attack)):
             raise TypeError(f"source must be a PerturbationPolicy, an Attack or None, got {type(source).__name__}")
         if probe_index is not None:
@@ -125,9 +120,9 @@ class PerturbationRecorder(Callback):
                 if self.probe_index is None:
                     raise ValueError(f"{type(source).__name__} keeps per-example state: pass probe_index (the "
                                      "training indices of the probe images) to PerturbationRecorder")
-                if int(self.probe_index.max()) >= store.data.shape[0]:
+                if int(self.probe_index.max()) >= store.num_examples:
                     raise ValueError(f"probe_index holds {int(self.probe_index.max())}, beyond the "
-                                     f"{store.data.shape[0]} training examples")
+                                     f"{store.num_examples} training examples")
 
     def on_epoch_end(self, trainer: "Trainer", epoch: int, record: Dict[str, Any]) -> None:
         number = epoch + 1
@@ -138,35 +133,29 @@ class PerturbationRecorder(Callback):
         """The source's perturbation of the probe batch now (float32, CPU)."""
         model = trainer.model
         source = self.source if self.source is not None else trainer.policy
-        device = getattr(trainer, "device", None) or _model_device(model)
+        device = getattr(trainer, "device", None) or model_device(model)
         dtype = getattr(trainer, "autocast_dtype", None)
         store = self._policy_store(source) if isinstance(source, PerturbationPolicy) else None
         index = self.probe_index if self.probe_index is not None else torch.arange(self.labels.shape[0])
         index = index.to(device)
         saved_buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
-        saved_rows = store.data[index].clone() if store is not None else None
         parts: List[Tensor] = []
         forked = [device] if device.type == "cuda" else []
         try:
-            with torch.random.fork_rng(devices=forked), \
-                    torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            with torch.random.fork_rng(devices=forked), mixed_precision(device, dtype), \
+                    (store.preserved(index) if store is not None else nullcontext()):
                 torch.manual_seed(self.seed + epoch)
-                for start in range(0, self.labels.shape[0], self.batch_size):
-                    x = _float_images(self.images[start:start + self.batch_size].to(device))
-                    y = self.labels[start:start + self.batch_size].to(device)
+                for rows, x, y in device_batches(self.images, self.labels, self.batch_size, device):
                     if isinstance(source, Attack):
                         x_adv = source.run(model, x, y, check=False)
                     else:
-                        batch = Batch(x, y, index[start:start + self.batch_size], None)
-                        x_adv = source.perturb(model, batch).x
-                    parts.append((x_adv.detach().float() - x).cpu())
+                        x_adv = source.perturb(model, Batch(x, y, index[rows], None)).x
+                    parts.append(x_adv.detach().float() - x)
         finally:
             with torch.no_grad():
                 for name, b in model.named_buffers():
                     b.copy_(saved_buffers[name])
-                if store is not None and saved_rows is not None:
-                    store.data[index] = saved_rows
-        return torch.cat(parts)
+        return torch.cat(parts).cpu()
 
     def state_dict(self) -> Dict[str, Any]:
         """The recorded perturbations (so a resumed run keeps them)."""
@@ -242,17 +231,17 @@ class PerturbationStrengthStudy:
         *,
         noise: str = "uniform",
         batch_size: int = 256,
-        device: Union[str, torch.device, None] = None,
+        device: DeviceLike = None,
         seed: int = 0,
     ) -> None:
         if not isinstance(reference_model, nn.Module):
             raise TypeError(f"reference_model must be a torch.nn.Module, got {type(reference_model).__name__}")
         self.model = reference_model
-        self.images, self.labels = _as_image_label_tensors((images, labels))
+        self.images, self.labels = image_label_tensors((images, labels))
         self.eps = float(check_eps(eps, "linf", "eps"))
         self.noise = check_choice(noise, "noise", NOISES)
         self.batch_size = check_positive_int(batch_size, "batch_size")
-        self.device = torch.device(device) if device is not None else _model_device(reference_model)
+        self.device = resolve_device(device, reference_model)
         self.seed = check_positive_int(seed, "seed", minimum=0)
 
     def accuracy(self, delta: Optional[Tensor] = None) -> float:
@@ -260,15 +249,9 @@ class PerturbationStrengthStudy:
         if delta is not None and delta.shape != self.images.shape:
             raise ValueError(f"a perturbation must have the probe images' shape {tuple(self.images.shape)}, "
                              f"got {tuple(delta.shape)}")
-        correct = 0
-        with model_mode(self.model, "eval"), torch.no_grad():
-            for start in range(0, self.labels.shape[0], self.batch_size):
-                x = _float_images(self.images[start:start + self.batch_size].to(self.device))
-                if delta is not None:
-                    x = (x + delta[start:start + self.batch_size].to(self.device, torch.float32)).clamp_(0.0, 1.0)
-                y = self.labels[start:start + self.batch_size].to(self.device)
-                correct += int((self.model(x).argmax(1) == y).sum())
-        return correct / max(1, self.labels.shape[0])
+        correct = batched_correctness(self.model, self.images, self.labels, batch_size=self.batch_size,
+                                      device=self.device, delta=delta)
+        return int(correct.sum()) / max(1, self.labels.shape[0])
 
     def random_noise(self, epoch: int) -> Tensor:
         """The comparison noise of epoch ``epoch`` (float32 CPU, probe shape)."""

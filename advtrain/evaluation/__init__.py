@@ -3,6 +3,7 @@ per-example worst case, the threat-model check of every adversarial batch,
 and gradient-masking sanity checks."""
 from .accuracy import accuracy, correct_predictions
 from .evaluator import SUITES, EvaluationReport, attack_suite, evaluate
+from .inputs import image_label_tensors
 from .masking import CHEAP_CHECKS, CHECKS, GradientMaskingWarning, MaskingWarning, check_gradient_masking
 from .threat_model import ThreatModelError
 
@@ -19,4 +20,5 @@ __all__ = [
     "CHECKS",
     "CHEAP_CHECKS",
     "ThreatModelError",
+    "image_label_tensors",
 ]

@@ -21,10 +21,14 @@ from torch import Tensor, nn
 
 from .._validation import check_choice, check_eps, check_positive_int
 from ..attacks.apgd import APGD
-from ..attacks.base import Attack, model_mode
+from ..attacks.base import Attack
 from ..attacks.pgd import PGD
-from ..training.progress import ProgressBar
-from .inputs import image_label_tensors as _as_image_label_tensors
+from ..utils.batches import device_batches
+from ..utils.devices import DeviceLike, resolve_device
+from ..utils.modes import model_mode
+from ..utils.precision import mixed_precision
+from ..utils.progress import progress_bar
+from .inputs import image_label_tensors
 from .masking import CHEAP_CHECKS, MaskingWarning, check_gradient_masking
 from .state import ModelSnapshot
 from .threat_model import NORMS, check_threat_model, threat_model_stats
@@ -175,7 +179,7 @@ def evaluate(
     norm: str = "linf",
     batch_size: int = 256,
     n_examples: Optional[int] = None,
-    device: Union[str, torch.device, None] = None,
+    device: DeviceLike = None,
     progress: bool = True,
     autocast_dtype: Optional[torch.dtype] = None,
     sequential: bool = True,
@@ -244,15 +248,12 @@ def evaluate(
     elif not isinstance(masking_checks, bool):
         raise TypeError(f"masking_checks must be True, False or None, got {type(masking_checks).__name__}")
     batch_size = check_positive_int(batch_size, "batch_size")
-    images, labels = _as_image_label_tensors(data)
+    images, labels = image_label_tensors(data)
     if n_examples is not None:
         check_positive_int(n_examples, "n_examples")
         images, labels = images[:n_examples], labels[:n_examples]
     n = int(images.shape[0])
-    if device is None:
-        param = next(model.parameters(), None)
-        device = param.device if param is not None else torch.device("cpu")
-    device = torch.device(device)
+    device = resolve_device(device, model)
 
     snapshot = ModelSnapshot(model)
     findings: List[MaskingWarning] = []
@@ -266,15 +267,10 @@ def evaluate(
     robust_parts: List[Tensor] = []
     attack_parts: Dict[str, List[Tensor]] = {name: [] for name in named}
     seconds = {name: 0.0 for name in named}
-    n_batches = max(1, math.ceil(n / batch_size))
-    bar = ProgressBar(n_batches, "evaluate", enabled=progress)
-    n_clean = n_robust = 0
-    with snapshot, model_mode(model, "eval"), torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16,
-                                                             enabled=autocast_dtype is not None):
-        for start in range(0, n, batch_size):
-            x = images[start:start + batch_size].to(device, non_blocking=True)
-            x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()
-            y = labels[start:start + batch_size].to(device, non_blocking=True)
+    bar = progress_bar(math.ceil(n / batch_size), "evaluate", enabled=progress, unit="batch")
+    n_clean = n_robust = seen = 0
+    with bar, snapshot, model_mode(model, "eval"), mixed_precision(device, autocast_dtype):
+        for _, x, y in device_batches(images, labels, batch_size, device):
             with torch.no_grad():
                 logits = model(x)
             if int(y.max()) >= logits.shape[1]:
@@ -303,9 +299,9 @@ def evaluate(
             robust_parts.append(robust.cpu())
             n_clean += int(clean_parts[-1].sum())
             n_robust += int(robust_parts[-1].sum())
-            seen = start + x.shape[0]
-            bar.update(1, clean=n_clean / seen, robust=n_robust / seen)
-    bar.close()
+            seen += x.shape[0]
+            bar.set_postfix({"clean": f"{n_clean / seen:.4g}", "robust": f"{n_robust / seen:.4g}"}, refresh=False)
+            bar.update(1)
 
     empty = torch.zeros(0, dtype=torch.bool)
     clean_correct = torch.cat(clean_parts) if clean_parts else empty

@@ -27,17 +27,21 @@ proof of robustness; a finding means the robust accuracy is not to be trusted.
 """
 from __future__ import annotations
 
+import functools
 import warnings
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence, Tuple, Union
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._validation import check_eps, check_positive_int, looks_like_probabilities
-from ..attacks.base import model_mode
 from ..attacks.pgd import PGD
+from ..utils.batches import Perturb, batched_correctness, device_batches
+from ..utils.devices import DeviceLike, resolve_device
+from ..utils.modes import model_mode
+from ..utils.pixels import to_pixels
 from .inputs import image_label_tensors
 
 CHEAP_CHECKS = ("probability_outputs", "zero_gradients", "randomized_outputs")
@@ -92,7 +96,7 @@ def check_gradient_masking(
     zero_grad_threshold: float = 0.10,
     n_examples: Optional[int] = 200,
     batch_size: int = 256,
-    device: Union[str, torch.device, None] = None,
+    device: DeviceLike = None,
     seed: int = 0,
     warn: bool = True,
     checks: Sequence[str] = CHECKS,
@@ -182,25 +186,26 @@ def check_gradient_masking(
     if n_examples is not None:
         check_positive_int(n_examples, "n_examples")
         images, labels = images[:n_examples], labels[:n_examples]
-    if device is None:
-        param = next(model.parameters(), None)
-        device = param.device if param is not None else torch.device("cpu")
-    device = torch.device(device)
+    device = resolve_device(device, model)
+    # The sample is read many times, so it moves to the device once.
+    images, labels = to_pixels(images.to(device)), labels.to(device)
 
-    def batches() -> Sequence[Tuple[Tensor, Tensor]]:
-        out = []
-        for start in range(0, images.shape[0], batch_size):
-            x = images[start:start + batch_size].to(device)
-            out.append((x.float().div_(255) if x.dtype == torch.uint8 else x.float(),
-                        labels[start:start + batch_size].to(device)))
-        return out
+    def batches() -> Iterator[Tuple[slice, Tensor, Tensor]]:
+        return device_batches(images, labels, batch_size, device)
 
-    data = batches()
+    def outputs_of_every_batch() -> Tensor:
+        with torch.no_grad():
+            return torch.cat([model(x) for _, x, _ in batches()]).float()
+
+    def robust(perturb: Perturb) -> Tensor:
+        """Per example: still classified correctly after ``perturb``?"""
+        return batched_correctness(model, images, labels, perturb, batch_size=batch_size, device=device)
+
     findings: List[MaskingWarning] = []
     forked = [device] if device.type == "cuda" else []
     with model_mode(model, "eval"), torch.random.fork_rng(devices=forked):
         torch.manual_seed(seed)
-        outputs = torch.cat([_no_grad_forward(model, x) for x, _ in data]).float()
+        outputs = outputs_of_every_batch()
         if outputs.dim() != 2:
             raise ValueError(f"model must return (N, classes) outputs, got shape {tuple(outputs.shape)}")
         if "probability_outputs" in selected and bool(looks_like_probabilities(outputs)):
@@ -217,7 +222,7 @@ def check_gradient_masking(
             changed = torch.zeros(outputs.shape[0], dtype=torch.bool, device=outputs.device)
             first = _unit_rows(outputs)
             for _ in range(repeats - 1):
-                again = torch.cat([_no_grad_forward(model, x) for x, _ in data]).float()
+                again = outputs_of_every_batch()
                 changed |= (_unit_rows(again) - first).norm(dim=1) > RANDOMIZED_TOLERANCE
                 changed |= again.argmax(1) != outputs.argmax(1)
             share = changed.float().mean().item()
@@ -234,7 +239,7 @@ def check_gradient_masking(
 
         dead = 0.0
         if "zero_gradients" in selected:
-            dead = torch.cat([_dead_gradients(model, x, y) for x, y in data]).float().mean().item()
+            dead = torch.cat([_dead_gradients(model, x, y) for _, x, y in batches()]).float().mean().item()
         if dead > zero_grad_threshold:
             findings.append(MaskingWarning(
                 "zero_gradients",
@@ -246,13 +251,14 @@ def check_gradient_masking(
 
         if selected.isdisjoint(ATTACK_CHECKS):
             return _emitted(findings, warn)
-        clean = (outputs.argmax(1) == torch.cat([y for _, y in data])).cpu()
+        clean = outputs.argmax(1) == labels
         weak = PGD(eps, steps=weak_steps, random_start=True)
         strong = PGD(eps, steps=strong_steps, random_start=True)
         restarted = PGD(eps, steps=weak_steps, random_start=True, restarts=restarts)
-        robust_weak = clean & _robust(model, data, weak.run)
-        robust_strong = clean & _robust(model, data, strong.run)
-        robust_restarts = clean & _robust(model, data, restarted.run)
+        # The sample was checked above: the attacks skip their input checks.
+        robust_weak = clean & robust(functools.partial(weak.run, check=False))
+        robust_strong = clean & robust(functools.partial(strong.run, check=False))
+        robust_restarts = clean & robust(functools.partial(restarted.run, check=False))
         acc_weak, acc_strong = _mean(robust_weak), _mean(robust_strong)
         acc_restarts = _mean(robust_restarts)
         if "more_steps" in selected and acc_strong - acc_weak > tolerance:
@@ -274,7 +280,7 @@ def check_gradient_masking(
             return _emitted(findings, warn)
         noise_fooled = torch.zeros_like(clean)
         for _ in range(noise_samples):
-            noise_fooled |= ~_robust(model, data, _uniform_noise(eps))
+            noise_fooled |= ~robust(functools.partial(_uniform_noise, eps=eps))
         beaten = _mean(clean & noise_fooled & robust_weak & robust_strong & robust_restarts)
         if beaten > tolerance:
             findings.append(MaskingWarning(
@@ -295,18 +301,9 @@ def _emitted(findings: List[MaskingWarning], warn: bool) -> List[MaskingWarning]
     return findings
 
 
-def _no_grad_forward(model: nn.Module, x: Tensor) -> Tensor:
-    with torch.no_grad():
-        return model(x)
-
-
 def _unit_rows(outputs: Tensor) -> Tensor:
     """Each row scaled to unit L2 norm, so the randomness test ignores scale."""
     return outputs / (outputs.norm(dim=1, keepdim=True) + 1e-12)
-
-
-def _correct(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-    return (_no_grad_forward(model, x).argmax(1) == y).cpu()
 
 
 def _dead_gradients(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
@@ -316,18 +313,12 @@ def _dead_gradients(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         loss = F.cross_entropy(model(x).float(), y, reduction="sum")
         (grad,) = torch.autograd.grad(loss, [x])
     flat = grad.flatten(1)
-    return (~torch.isfinite(flat).all(dim=1) | (flat == 0).all(dim=1)).cpu()
+    return ~torch.isfinite(flat).all(dim=1) | (flat == 0).all(dim=1)
 
 
-def _uniform_noise(eps: float) -> Callable[..., Tensor]:
-    def perturb(model: nn.Module, x: Tensor, y: Tensor, *, check: bool = True) -> Tensor:
-        return (x + (torch.rand_like(x) * 2 - 1) * eps).clamp_(0.0, 1.0)
-    return perturb
-
-
-def _robust(model: nn.Module, data: Sequence[Tuple[Tensor, Tensor]], attack: Callable[..., Tensor]) -> Tensor:
-    """Per example: still classified correctly after ``attack``?"""
-    return torch.cat([_correct(model, attack(model, x, y, check=False), y) for x, y in data])
+def _uniform_noise(model: nn.Module, x: Tensor, y: Tensor, *, eps: float) -> Tensor:
+    """``x`` moved by uniform noise in the L∞ ball of radius ``eps``, inside [0, 1]."""
+    return (x + (torch.rand_like(x) * 2 - 1) * eps).clamp_(0.0, 1.0)
 
 
 def _mean(flags: Tensor) -> float:

@@ -1,7 +1,8 @@
 """Per-example perturbation stores kept in padded image coordinates."""
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping, Optional, Tuple
+from contextlib import contextmanager
+from typing import Any, Dict, Iterator, Mapping, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -42,6 +43,7 @@ class PerExampleStore:
         c, h, w = image_shape
         self.padding = int(padding)
         self.image_shape = (int(c), int(h), int(w))
+        self.num_examples = int(num_examples)
         self.num_shards = int(num_shards)
         rows = len(range(shard, num_examples, num_shards))
         self.data = torch.zeros(rows, c, h + 2 * padding, w + 2 * padding, device=device, dtype=dtype)
@@ -77,6 +79,20 @@ class PerExampleStore:
         """Store a batch's ``values`` (B, C, H, W) back for examples ``index``."""
         rows = self._rows(index)
         self.data[rows] = paste_padded(self.data[rows], values.detach().to(self.data.dtype), self._check(aug, index))
+
+    @contextmanager
+    def preserved(self, index: Tensor) -> Iterator[None]:
+        """Put the stored values of examples ``index`` (dataset indices of
+        examples this store holds) back as they were when the block is left,
+        even on error: for code that runs a policy outside training, such as
+        a probe of its perturbations, whose writes must not reach the run.
+        Costs one copy of those rows."""
+        rows = self._rows(index)
+        saved = self.data[rows]  # indexing with a tensor copies
+        try:
+            yield
+        finally:
+            self.data[rows] = saved
 
     def state_dict(self) -> Dict[str, Any]:
         return {"data": self.data}

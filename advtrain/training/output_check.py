@@ -11,7 +11,8 @@ import torch
 from torch import Tensor, nn
 
 from .._validation import looks_like_probabilities
-from ..attacks.base import model_mode
+from ..utils.modes import model_mode
+from ..utils.pixels import to_pixels
 
 PROBE_EXAMPLES = 8
 """Training images in the probe forward pass: enough that probability rows
@@ -37,7 +38,7 @@ def check_model_outputs(model: nn.Module, images: Tensor, max_label: int,
     x = images[:PROBE_EXAMPLES].to(device if device is not None else images.device)
     # The probe runs in the weights' dtype (float64 models get float64 images).
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    x = x.to(dtype).div_(255) if x.dtype == torch.uint8 else x.to(dtype)
+    x = to_pixels(x, dtype)
     forked = [x.device] if x.device.type == "cuda" else []
     with model_mode(model, "eval"), torch.no_grad(), torch.random.fork_rng(devices=forked):
         outputs = model(x)
