@@ -494,6 +494,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from .data import cifar10, cifar100
 
     from .training import evaluation_weights
+    from .utils.devices import default_device
 
     model, name, state, run_config = load_model(args.checkpoint, args.model, args.weights)
     weights = evaluation_weights(state, args.weights)[1]
@@ -506,7 +507,7 @@ def run_eval(args: argparse.Namespace) -> int:
     if len(test.classes) != num_classes:
         raise CLIError(f"the checkpoint's model has {num_classes} classes but {dataset} has {len(test.classes)}; "
                        "pass the right --dataset")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(args.device) if args.device else default_device()
     bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
     model.to(device)
     with warnings.catch_warnings():
