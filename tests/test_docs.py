@@ -336,9 +336,11 @@ METHOD_FIELDS: Dict[str, Dict[str, Callable[[Any], Any]]] = {
               "store_dtype": lambda t: t.policy.store_dtype,
               "momentum_schedule": lambda t: (t.momentum_schedule(0), t.momentum_schedule(t.epochs / 2),
                                               t.momentum_schedule(t.epochs))},
+    "trades": {**ATTACK_FIELDS, "beta": lambda t: t.policy.beta},
+    "mart": {**ATTACK_FIELDS, "lam": lambda t: t.policy.lam},
 }
 PRESETS = {"fgsm": "FGSMTrainer", "fgsm_rs": "FastATTrainer", "nfgsm": "NFGSMTrainer", "pgd": "PGDTrainer",
-           "atta": "ATTATrainer", "apart": "APARTTrainer"}
+           "atta": "ATTATrainer", "apart": "APARTTrainer", "trades": "TRADESTrainer", "mart": "MARTTrainer"}
 
 
 @pytest.mark.parametrize("method", sorted(PRESETS))

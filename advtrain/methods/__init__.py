@@ -1,5 +1,8 @@
 """The registry of training methods (:data:`METHODS`) and the methods that
 are one module each: a policy with its own training objective and its preset."""
+from .mart import MARTPolicy, MARTTrainer
 from .registry import METHODS, Method, Passes, get_method, method_names
+from .trades import TRADESPolicy, TRADESTrainer
 
-__all__ = ["METHODS", "Method", "Passes", "get_method", "method_names"]
+__all__ = ["METHODS", "Method", "Passes", "get_method", "method_names",
+           "TRADESPolicy", "TRADESTrainer", "MARTPolicy", "MARTTrainer"]

@@ -12,6 +12,8 @@ from typing import Any, Callable, Dict, List, Tuple
 
 from ..training import presets
 from ..training.trainer import Trainer
+from .mart import MARTTrainer
+from .trades import TRADESTrainer
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,19 @@ def _atta(steps: int = 1, **_: Any) -> Passes:
     return _multi_step(steps)
 
 
+def _trades(steps: int = 10, **_: Any) -> Passes:
+    # attack: the clean prediction once (eval mode), then a forward and an
+    # input backward per step; loss: clean and adversarial forwards, and the
+    # one backward runs through both of them
+    return Passes(forward=steps + 3, input_backward=steps, full_backward=2)
+
+
+def _mart(steps: int = 10, **_: Any) -> Passes:
+    # attack: a forward and an input backward per step; loss: clean and
+    # adversarial forwards, and the one backward runs through both of them
+    return Passes(forward=steps + 2, input_backward=steps, full_backward=2)
+
+
 METHODS: Dict[str, Method] = {m.name: m for m in (
     Method("standard", "Standard training", Trainer, "docs/concepts.md",
            lambda **_: Passes(forward=1, input_backward=0, full_backward=1), options=()),
@@ -80,6 +95,8 @@ METHODS: Dict[str, Method] = {m.name: m for m in (
     Method("pgd", "PGD-k", presets.PGDTrainer, "docs/methods/pgd.md", _multi_step, options=("eps", "steps")),
     Method("atta", "ATTA-k", presets.ATTATrainer, "docs/methods/atta.md", _atta, options=("eps", "steps")),
     Method("apart", "APART", presets.APARTTrainer, "docs/methods/apart.md", _single_step),
+    Method("trades", "TRADES", TRADESTrainer, "docs/methods/trades.md", _trades, options=("eps", "steps")),
+    Method("mart", "MART", MARTTrainer, "docs/methods/mart.md", _mart, options=("eps", "steps")),
 )}
 """Every training method, by name."""
 
