@@ -86,8 +86,10 @@ class Trainer:
             :class:`DeviceLoader` given to ``fit`` keeps its own.
         lr: peak learning rate of ``schedule``.
         schedule: ``"cyclic"`` (triangle 0 → lr at mid-run → 0), ``"piecewise"``
-            (lr, ×0.1 at 50% and 75%), ``"constant"``, or a callable
-            ``epoch (float) -> lr``.
+            (lr, ×0.1 at 50% and 75%), ``"onecycle"`` (torch's ``OneCycleLR``
+            curve: lr/25, half cosine up to lr at 30%, half cosine down),
+            ``"constant"``, a :class:`~advtrain.training.schedules.MultiStep`
+            (lr × γ at milestone epochs), or a callable ``epoch (float) -> lr``.
         momentum: SGD momentum; ``momentum_schedule`` (callable of epoch)
             overrides it per iteration.
         weight_decay, nesterov: SGD options.
