@@ -179,6 +179,17 @@ def test_a_bar_off_a_terminal_writes_a_bounded_number_of_whole_lines(total, step
     assert len(set(lines)) == len(lines)
 
 
+def test_a_log_bar_below_one_left_open_writes_plain_lines():
+    first, second = io.StringIO(), io.StringIO()
+    left_open = progress_bar(10, "epoch 1/2", file=first)
+    left_open.update(5)
+    with progress_bar(4, "epoch 2/2", file=second) as bar:
+        bar.update(4)
+    lines = second.getvalue().splitlines()
+    assert lines and all(line.startswith("epoch 2/2 [") for line in lines) and "\x1b" not in second.getvalue()
+    left_open.close()
+
+
 def test_a_bar_on_a_terminal_redraws_one_line_and_a_disabled_bar_writes_nothing():
     terminal = Terminal()
     with progress_bar(4, "evaluate", file=terminal, unit="batch") as bar:

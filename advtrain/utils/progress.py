@@ -3,9 +3,10 @@
 On a terminal a bar redraws one line in place; in a Jupyter notebook it is a
 widget (``tqdm.auto``). Anywhere else — a CI log, a file, a pipe — redrawing
 would fill the log, so a bar there writes whole lines, and only a few: one
-when it starts, at most :data:`LOG_LINES` as it advances (at each tenth of
-the work) and one when it closes, whatever the number of steps or the time
-they take. Rates below one step per second are shown as seconds per step.
+when it starts and at most :data:`LOG_LINES` more — one at each tenth of the
+work, and one when it closes unless the last already shows the end —
+whatever the number of steps or the time they take. Rates below one step per
+second are shown as seconds per step.
 """
 from __future__ import annotations
 
@@ -13,18 +14,18 @@ import math
 import sys
 from typing import IO, Optional
 
+from tqdm.asyncio import tqdm as console_auto_tqdm
 from tqdm.auto import tqdm
-from tqdm.autonotebook import tqdm as notebook_or_console_tqdm
 from tqdm.std import tqdm as console_tqdm
 
 LOG_LINES = 10
-"""Progress lines a bar writes between its first and last line when its
-stream is not a terminal."""
+"""Lines a bar writes after its first one when its stream is not a terminal, at most."""
 BAR_FORMAT = "{desc} [{bar}] {n_fmt}/{total_fmt} {elapsed}<{remaining}, {rate_fmt}{postfix}"
 """How a bar is drawn: description, bar, steps done and due, time spent and
 left, rate (steps per second, or seconds per step when slower), metrics."""
 
-_IN_NOTEBOOK = notebook_or_console_tqdm is not console_tqdm
+# tqdm.auto gives its console class unless it found a notebook front end.
+_IN_NOTEBOOK = tqdm is not console_auto_tqdm
 
 
 class _LineWriter:
@@ -71,10 +72,9 @@ def progress_bar(total: int, desc: str = "", *, enabled: bool = True, file: Opti
     """A tqdm bar over ``total`` steps, advanced with ``bar.update(n)``;
     metrics go in with ``bar.set_postfix({...}, refresh=False)`` right before
     an update, so they are drawn when the update is (a dict keeps their
-    order). ``file`` defaults to
-    ``sys.stderr``; ``leave=False`` removes the bar from a terminal when it
-    closes (a line already written to a log stays). A disabled bar draws
-    nothing and costs nothing."""
+    order). ``file`` defaults to ``sys.stderr``; ``leave=False`` removes the
+    bar from a terminal when it closes (a line already written to a log
+    stays). A disabled bar draws nothing and costs nothing."""
     if not enabled:
         return tqdm(total=total, disable=True)
     stream = sys.stderr if file is None else file
@@ -82,9 +82,10 @@ def progress_bar(total: int, desc: str = "", *, enabled: bool = True, file: Opti
         return tqdm(total=total, desc=desc, file=stream, unit=unit, leave=leave, bar_format=BAR_FORMAT)
     # An update is drawn only after a tenth of the work since the last one
     # (miniters, no time limit); maxinterval=inf keeps tqdm's monitor thread
-    # from forcing extra draws of a slow bar.
+    # from forcing extra draws of a slow bar; position=0 because lines in a
+    # log never stack like bars on a terminal, even below one left open.
     return _LogBar(total=total, desc=desc, file=_LineWriter(stream), unit=unit, leave=leave, bar_format=BAR_FORMAT,
-                   ascii=True, mininterval=0, maxinterval=math.inf,
+                   ascii=True, mininterval=0, maxinterval=math.inf, position=0,
                    miniters=max(1, math.ceil(total / LOG_LINES)))
 
 
