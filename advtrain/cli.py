@@ -578,9 +578,10 @@ def run_plot(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------- bench
 def _bench_parser(sub: Any) -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="run the benchmark table (the repository's benchmarks/ suite)",
-                       description="Measure epoch time of each method against PGD-10 in the same run by "
-                                   "running the pytest suite in the repository's benchmarks/ folder "
-                                   "(not part of an installed wheel).")
+                       description="Time one training epoch of every registered method "
+                                   f"({', '.join(METHODS)}) and the plain-PyTorch PGD-10 loop against advtrain's "
+                                   "PGD-10 in the same run, and count their passes, by running the pytest suite "
+                                   "in the repository's benchmarks/ folder (not part of an installed wheel).")
     p.add_argument("--size", choices=("cpu", "gpu", "smoke"), default="cpu",
                    help="cpu: PreActResNet18(width=16), minutes on 2 cores (default); gpu: full CIFAR-10 epochs "
                         "of PreActResNet18 in bf16 (needs CUDA); smoke: seconds, checks the machinery")
@@ -588,12 +589,24 @@ def _bench_parser(sub: Any) -> argparse.ArgumentParser:
                    help="write this size's measured table into this Markdown file (e.g. docs/benchmarks.md)")
     p.add_argument("--data", default=None, metavar="DIR",
                    help="CIFAR-10 directory (default: $ADVTRAIN_CIFAR10_DIR, else synthetic images)")
+    p.add_argument("--methods", type=method_list, default=None, metavar="A,B",
+                   help="only these registered methods (and PGD-10, the reference); default: all")
     p.add_argument("--benchmarks", default=None, metavar="DIR",
                    help="the benchmarks/ folder (default: the one next to this advtrain checkout)")
     p.add_argument("pytest_args", nargs=argparse.REMAINDER,
-                   help="further pytest or --bench-* options, after `--` (e.g. -- --bench-rounds 5 -k apart)")
+                   help="further pytest or --bench-* options, after `--` (e.g. -- --bench-rounds 5 --bench-threads 1)")
     p.set_defaults(func=run_bench)
     return p
+
+
+def method_list(text: str) -> List[str]:
+    """Parse a comma-separated list of registered method names."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in METHODS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"{', '.join(unknown) or repr(text)}: not a registered method "
+                                         f"(choose from {', '.join(METHODS)})")
+    return names
 
 
 def find_benchmarks(explicit: Optional[str] = None) -> Path:
@@ -610,7 +623,7 @@ def find_benchmarks(explicit: Optional[str] = None) -> Path:
 
 
 def bench_command(folder: Path, size: str, report: Optional[str], extra: Sequence[str] = (),
-                  data: Optional[str] = None) -> List[str]:
+                  data: Optional[str] = None, methods: Optional[Sequence[str]] = None) -> List[str]:
     """The pytest command line that runs the benchmark suite (see
     ``benchmarks/conftest.py`` for its ``--bench-*`` options)."""
     cmd = [sys.executable, "-m", "pytest", str(folder), "--bench-size", size, "-q"]
@@ -618,6 +631,8 @@ def bench_command(folder: Path, size: str, report: Optional[str], extra: Sequenc
         cmd += ["--bench-report", str(Path(report).resolve())]
     if data:
         cmd += ["--bench-data", data if data == "synthetic" else str(Path(data).resolve())]
+    if methods:
+        cmd += ["--bench-methods", ",".join(methods)]
     return cmd + [a for a in extra if a != "--"]
 
 
@@ -625,7 +640,7 @@ def run_bench(args: argparse.Namespace) -> int:
     if importlib.util.find_spec("pytest") is None:
         raise CLIError('the benchmarks need pytest: pip install "advtrain[test]"')
     folder = find_benchmarks(args.benchmarks)
-    cmd = bench_command(folder, args.size, args.report, args.pytest_args, data=args.data)
+    cmd = bench_command(folder, args.size, args.report, args.pytest_args, data=args.data, methods=args.methods)
     print("running: " + " ".join(cmd), flush=True)
     return subprocess.call(cmd, cwd=folder.parent)
 
