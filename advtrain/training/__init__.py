@@ -8,10 +8,13 @@ from .run_lock import RunLockError
 from .schedules import (CosineSchedule, MultiStep, Piecewise, Schedule, cyclic_momentum, multistep, one_cycle,
                         one_cycle_momentum, triangular)
 from .trainer import Trainer, pgd20
+from .validation import pgd10, train_val_split
+from .weight_average import WeightAverage, evaluation_weights
 
 __all__ = [
     "AtomicWriteError", "Callback", "LambdaCallback", "CheckpointError", "NonFiniteCheckpointError", "RunLockError",
     "load_checkpoint", "save_checkpoint", "History",
     "APARTTrainer", "ATTATrainer", "FastATTrainer", "FGSMTrainer", "NFGSMTrainer", "PGDTrainer", "Piecewise", "Schedule", "cyclic_momentum",
     "multistep", "triangular", "CosineSchedule", "MultiStep", "one_cycle", "one_cycle_momentum", "Trainer", "pgd20",
+    "WeightAverage", "evaluation_weights", "pgd10", "train_val_split",
 ]
