@@ -220,9 +220,9 @@ def build_trainer(args: argparse.Namespace, num_classes: int) -> Any:
         if getattr(args, key) is not None:
             kwargs[key] = getattr(args, key)
     if args.keep_best:
-        if args.val_examples is None:
-            raise CLIError("--keep-best selects the best model on held-out validation images: add "
-                           "--val-examples N (e.g. 1000)")
+        if args.val_examples is None or not args.out:
+            raise CLIError("--keep-best writes OUT/best.pt with the best model on held-out validation images: "
+                           "add --val-examples N (e.g. 1000) and --out DIR")
         from .diagnostics import RobustnessDropMonitor
 
         kwargs["callbacks"] = [RobustnessDropMonitor()]  # reads the Trainer's validation accuracies

@@ -23,10 +23,11 @@ def main(out: Path) -> None:
     trainer.fit(dataset())
     print(f"rank {r}: atta trained", flush=True)
     torch.save({"model": trainer.model.state_dict(), "store": trainer.policy.store.data}, out / f"atta{r}.pt")
-    # BatchNorm statistics must end identical on both ranks.
-    trainer = Trainer(bn_model(), batch_size=8, **settings())
+    # BatchNorm statistics, also the weight average's, must end identical on both ranks.
+    trainer = Trainer(bn_model(), batch_size=8, weight_average=0.9, **settings())
     trainer.fit(dataset())
-    torch.save({"model": trainer.model.state_dict()}, out / f"bn{r}.pt")
+    torch.save({"model": trainer.model.state_dict(), "average": trainer.weight_average.module.state_dict()},
+               out / f"bn{r}.pt")
     print(f"rank {r}: bn trained", flush=True)
     shutdown_distributed()
     print(f"rank {r}: shut down", flush=True)

@@ -94,9 +94,10 @@ def test_two_processes_match_each_other_and_a_single_process_run(tmp_path):
     ranks = [torch.load(tmp_path / f"atta{r}.pt", weights_only=True) for r in range(2)]
     for key, value in ranks[0]["model"].items():
         assert torch.equal(value, ranks[1]["model"][key]), key
-    bn = [torch.load(tmp_path / f"bn{r}.pt", weights_only=True)["model"] for r in range(2)]
-    for key, value in bn[0].items():
-        assert torch.equal(value, bn[1][key]), f"{key} differs between ranks"
+    bn = [torch.load(tmp_path / f"bn{r}.pt", weights_only=True) for r in range(2)]
+    for part in ("model", "average"):
+        for key, value in bn[0][part].items():
+            assert torch.equal(value, bn[1][part][key]), f"{part} {key} differs between ranks"
     assert {p.name for p in (tmp_path / "atta").iterdir()} >= {"checkpoint.pt", "checkpoint.rank0.pt",
                                                                "checkpoint.rank1.pt", "metrics.jsonl"}
 
