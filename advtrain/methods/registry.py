@@ -12,6 +12,8 @@ from typing import Any, Callable, Dict, List, Tuple
 
 from ..training import presets
 from ..training.trainer import Trainer
+from .free_at import FreeATTrainer
+from .gradalign import GradAlignTrainer
 from .mart import MARTTrainer
 from .trades import TRADESTrainer
 
@@ -86,6 +88,22 @@ def _mart(steps: int = 10, **_: Any) -> Passes:
     return Passes(forward=steps + 2, input_backward=steps, full_backward=2)
 
 
+def _gradalign(**_: Any) -> Passes:
+    # attack: the clean forward and its input backward (whose gradient is also
+    # the cosine's fixed side); loss: the training forward, the noisy point's
+    # forward and input backward with create_graph; the one backward runs
+    # through the training pass (a full backward) and through the noisy
+    # point's forward-and-backward graph, the double backward, which costs
+    # about two full backward passes
+    return Passes(forward=3, input_backward=2, full_backward=3)
+
+
+def _free_at(**_: Any) -> Passes:
+    # per optimizer step, `replays` of them per batch: one forward and one
+    # backward that gives the weight gradients and the input gradient at once
+    return Passes(forward=1, input_backward=0, full_backward=1)
+
+
 METHODS: Dict[str, Method] = {m.name: m for m in (
     Method("standard", "Standard training", Trainer, "docs/concepts.md",
            lambda **_: Passes(forward=1, input_backward=0, full_backward=1), options=()),
@@ -95,6 +113,9 @@ METHODS: Dict[str, Method] = {m.name: m for m in (
     Method("pgd", "PGD-k", presets.PGDTrainer, "docs/methods/pgd.md", _multi_step, options=("eps", "steps")),
     Method("atta", "ATTA-k", presets.ATTATrainer, "docs/methods/atta.md", _atta, options=("eps", "steps")),
     Method("apart", "APART", presets.APARTTrainer, "docs/methods/apart.md", _single_step),
+    Method("gradalign", "GradAlign", GradAlignTrainer, "docs/methods/gradalign.md", _gradalign,
+           options=("eps", "lam"), compiles=False),
+    Method("free-at", "Free-AT", FreeATTrainer, "docs/methods/free_at.md", _free_at, options=("eps", "replays")),
     Method("trades", "TRADES", TRADESTrainer, "docs/methods/trades.md", _trades, options=("eps", "steps")),
     Method("mart", "MART", MARTTrainer, "docs/methods/mart.md", _mart, options=("eps", "steps")),
 )}
