@@ -68,7 +68,9 @@ def _help(option: str) -> str:
         default = "the method's"
     else:
         common, count = Counter(shown.values()).most_common(1)[0]
-        if count == 1:
+        if len(users) == 1:
+            default = common
+        elif count == 1:
             default = ", ".join(f"{name} {value}" for name, value in shown.items())
         else:
             others = [f"{name} {value}" for name, value in shown.items() if value != common]

@@ -24,6 +24,7 @@ import contextlib
 import importlib.util
 import inspect
 import io
+import itertools
 import math
 import operator
 import os
@@ -40,6 +41,7 @@ import torch
 import advtrain
 from advtrain import cli
 from advtrain.config import normalize_keys, resolve_config
+from advtrain.methods import METHODS
 
 try:
     import tomllib
@@ -87,10 +89,20 @@ def page_id(path: Path) -> str:
 
 def test_the_docs_exist():
     names = {page_id(p) for p in PAGES}
-    for page in ("docs/index.md", "docs/getting_started.md", "docs/concepts.md", "docs/api.md", "docs/cli.md",
-                 *(f"docs/methods/{m}.md" for m in ("fgsm", "fgsm_rs", "nfgsm", "pgd", "atta", "apart"))):
+    for page in ("docs/index.md", "docs/getting_started.md", "docs/concepts.md", "docs/api.md", "docs/cli.md"):
         assert page in names
     assert (ROOT / "CHANGELOG.md").is_file()
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_every_registered_method_has_its_docs_page(name):
+    method = METHODS[name]
+    page = ROOT / method.doc
+    assert page.is_file(), f"{name}: the registry's docs page {method.doc} does not exist"
+    assert f"`{method.trainer.__name__}`" in page.read_text(), f"{method.doc} does not name the preset"
+    if method.doc.startswith("docs/methods/"):
+        index = (ROOT / "docs" / "index.md").read_text().split("## Methods", 1)[1].split("\n## ", 1)[0]
+        assert f"(methods/{Path(method.doc).name})" in index, f"docs/index.md's methods table has no row for {name}"
 
 
 # ---------------------------------------------------------- python snippets
@@ -312,54 +324,84 @@ def _schedule_is_cyclic(t) -> bool:
     return t.lr_schedule(0) == 0 and math.isclose(t.lr_schedule(t.epochs / 2), t.lr) and t.lr_schedule(t.epochs) == 0
 
 
-TRAINER_FIELDS: Dict[str, Callable[[Any], Any]] = {
-    "epochs": lambda t: t.epochs, "batch_size": lambda t: t.batch_size, "lr": lambda t: t.lr,
-    "momentum": lambda t: t.momentum, "weight_decay": lambda t: t.weight_decay,
+#: Defaults that are not one attribute of the same name on the Trainer, its
+#: policy or the policy's attack (those are looked up by name).
+SPECIAL_FIELDS: Dict[str, Callable[[Any], Any]] = {
     "schedule": lambda t: "cyclic" if _schedule_is_cyclic(t) else "other",
-    "pad_fill": lambda t: t.pad_fill,
-}
-ATTACK_FIELDS: Dict[str, Callable[[Any], Any]] = {
-    "eps": lambda t: t.policy.attack.eps, "step_size": lambda t: t.policy.attack.step_size,
-    "steps": lambda t: t.policy.attack.steps, "random_start": lambda t: t.policy.attack.random_start,
-    "bn_mode": lambda t: t.policy.attack.bn_mode, "project": lambda t: t.policy.attack.project,
     "noise": lambda t: t.policy.attack.init_radius if t.policy.attack.init_radius is not None else t.policy.attack.eps,
+    "step_lr": lambda t: t.policy.lr, "step_weight_decay": lambda t: t.policy.weight_decay,
+    "step_momentum": lambda t: t.policy.momentum,
+    "momentum_schedule": lambda t: (t.momentum_schedule(0), t.momentum_schedule(t.epochs / 2),
+                                    t.momentum_schedule(t.epochs)),
 }
-METHOD_FIELDS: Dict[str, Dict[str, Callable[[Any], Any]]] = {
-    "fgsm": ATTACK_FIELDS, "fgsm_rs": ATTACK_FIELDS, "nfgsm": ATTACK_FIELDS, "pgd": ATTACK_FIELDS,
-    "atta": {**ATTACK_FIELDS, "reset_every": lambda t: t.policy.reset_every,
-             "reset_schedule": lambda t: t.policy.reset_schedule, "init": lambda t: t.policy.init,
-             "store_dtype": lambda t: t.policy.store_dtype},
-    "apart": {"eps": lambda t: t.policy.eps, "layerwise": lambda t: t.policy.layerwise,
-              "init_step": lambda t: t.policy.init_step, "init_scale": lambda t: t.policy.init_scale,
-              "site_init": lambda t: t.policy.site_init, "step_lr": lambda t: t.policy.lr,
-              "step_weight_decay": lambda t: t.policy.weight_decay, "step_momentum": lambda t: t.policy.momentum,
-              "store_dtype": lambda t: t.policy.store_dtype,
-              "momentum_schedule": lambda t: (t.momentum_schedule(0), t.momentum_schedule(t.epochs / 2),
-                                              t.momentum_schedule(t.epochs))},
-    "trades": {**ATTACK_FIELDS, "beta": lambda t: t.policy.beta},
-    "mart": {**ATTACK_FIELDS, "lam": lambda t: t.policy.lam},
-}
-PRESETS = {"fgsm": "FGSMTrainer", "fgsm_rs": "FastATTrainer", "nfgsm": "NFGSMTrainer", "pgd": "PGDTrainer",
-           "atta": "ATTATrainer", "apart": "APARTTrainer", "trades": "TRADESTrainer", "mart": "MARTTrainer"}
+TRAINER_KEYWORDS = frozenset(inspect.signature(advtrain.Trainer).parameters)
+_MISSING = object()
 
 
-@pytest.mark.parametrize("method", sorted(PRESETS))
-def test_method_page_defaults_match_the_preset(method):
-    page = ROOT / "docs" / "methods" / f"{method}.md"
+def _default(trainer: Any, key: str) -> Any:
+    """The value of the documented default ``key`` in a preset: a Trainer
+    keyword from the Trainer, anything else from its policy or the policy's
+    attack, by name."""
+    if key in SPECIAL_FIELDS:
+        return SPECIAL_FIELDS[key](trainer)
+    owners = [trainer] if key in TRAINER_KEYWORDS else [trainer.policy, getattr(trainer.policy, "attack", None)]
+    for owner in owners:
+        value = getattr(owner, key, _MISSING)
+        if value is not _MISSING:
+            return value
+    return _MISSING
+
+
+METHOD_PAGES = [name for name, m in METHODS.items() if m.doc.startswith("docs/methods/")]
+
+
+def _table_after(text: str, heading: str) -> Dict[str, str]:
+    """First column (a backticked name) → second column, of the first table after ``heading``."""
+    lines = text.split(heading, 1)[1].splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    table = itertools.takewhile(lambda line: line.startswith("|"), lines[start:])
+    return dict(m.groups() for line in table for m in [re.match(r"\|\s*`([\w-]+)`\s*\|\s*([^|]*?)\s*\|", line)] if m)
+
+
+def test_concepts_lists_which_registered_methods_compile():
+    documented = _table_after((ROOT / "docs" / "concepts.md").read_text(), "### Compiled training")
+    expected = {name: "yes" if m.compiles else "no" for name, m in METHODS.items()}
+    rows = "\n".join(f"| `{name}` | {value} |" for name, value in expected.items())
+    assert documented == expected and list(documented) == list(expected), \
+        f"docs/concepts.md, 'Compiled training': the table should read\n{rows}"
+
+
+def test_cli_md_lists_the_registered_methods_and_a_flag_per_option():
+    from advtrain.cli_methods import flag, options
+
+    text = (ROOT / "docs" / "cli.md").read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| `--method` |"))
+    listed = re.findall(r"`([\w-]+)`", row.split("|")[3])
+    assert listed == list(METHODS), f"docs/cli.md: the --method row should list {', '.join(METHODS)}"
+    for option in options():
+        assert re.search(rf"^\| `{flag(option)}[ `]", text, flags=re.M), f"docs/cli.md: no row for {flag(option)}"
+
+
+@pytest.mark.parametrize("name", METHOD_PAGES)
+def test_method_page_defaults_match_the_preset(name):
+    method = METHODS[name]
+    preset = method.trainer.__name__
+    page = ROOT / method.doc
+    assert page.is_file(), f"{name}: the registry's docs page {method.doc} does not exist"
     text = page.read_text()
-    assert f"`{PRESETS[method]}`" in text
+    assert f"`{preset}`" in text and "## Defaults" in text, f"{page_id(page)}: no ## Defaults table of {preset}"
     table = text.split("## Defaults", 1)[1].split("\n## ", 1)[0]
     rows = re.findall(r"^\|\s*`(\w+)`\s*\|\s*`([^`]+)`\s*\|", table, flags=re.M)
     assert len(rows) >= 5, f"{page_id(page)}: the Defaults table has too few `name` | `value` rows"
-    trainer = getattr(advtrain, PRESETS[method])(_tiny_model(), progress=False, device="cpu")
-    fields = {**TRAINER_FIELDS, **METHOD_FIELDS[method]}
-    eps = fields["eps"](trainer)
+    trainer = method.build(_tiny_model(), progress=False, device="cpu")
+    eps = _default(trainer, "eps")
     for key, literal in rows:
-        assert key in fields, f"{page_id(page)}: the test does not know how to check default {key!r}"
+        actual = _default(trainer, key)
+        assert actual is not _MISSING, (f"{page_id(page)}: {preset} has no attribute {key!r} on the Trainer, its policy "
+                                        "or its attack; name the default after one, or teach SPECIAL_FIELDS to read it")
         documented = _safe_eval(ast.parse(literal, mode="eval").body, {"eps": eps})
-        actual = fields[key](trainer)
         if isinstance(actual, tuple):
             ok = len(actual) == len(documented) and all(math.isclose(a, d) for a, d in zip(actual, documented))
         else:
             ok = _same(documented, actual)
-        assert ok, f"{page_id(page)}: default {key} = {literal} but {PRESETS[method]} has {actual!r}"
+        assert ok, f"{page_id(page)}: default {key} = {literal} but {preset} has {actual!r}"
