@@ -95,13 +95,20 @@ class Row:
 @dataclass
 class Results:
     """A benchmark run: its rows (PGD-10 first, the baseline last) and where
-    and how it ran."""
+    and how it ran (``compiled``: ``Trainer(compile=True)`` for the methods
+    that compile)."""
 
     size: BenchSize
     rows: List[Row]
     data: str = ""
     command: str = ""
     machine: Dict[str, str] = field(default_factory=dict)
+    compiled: bool = False
+
+    @property
+    def section(self) -> str:
+        """The report section's name: the size, ``-compile`` for a compiled run."""
+        return self.size.name + ("-compile" if self.compiled else "")
 
     def row(self, name: str) -> Row:
         return next(r for r in self.rows if r.name == name)
@@ -287,7 +294,7 @@ def run(size: BenchSize, data_dir: Optional[str] = None, methods: Optional[Seque
     for _ in range(size.rounds - 1):
         for one in runs:
             one.epoch()
-    return Results(size, [one.row for one in runs], description, command, machine_info(size))
+    return Results(size, [one.row for one in runs], description, command, machine_info(size), compile)
 
 
 # ------------------------------------------------------------------ report
@@ -334,9 +341,10 @@ def table_rows(results: Results) -> List[List[str]]:
 def render(results: Results) -> str:
     """The Markdown section of a run (without its markers)."""
     m = results.machine
-    lines = [f"### `{results.size.name}` size, measured {m.get('date', '')}", "", "```bash", results.command, "```", "",
+    lines = [f"### `{results.section}`, measured {m.get('date', '')}", "", "```bash", results.command, "```", "",
              f"Code {m.get('code', '')}; {m.get('machine', '')}" + (f"; GPU {m['gpu']}" if "gpu" in m else "")
-             + f"; {m.get('software', '')}. Model and run: {results.size.describe()}; data: {results.data}.", "",
+             + f"; {m.get('software', '')}. Model and run: {results.size.describe()}"
+             + (", compiled where the method compiles" if results.compiled else "") + f"; data: {results.data}.", "",
              "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(cells) + " |" for cells in table_rows(results)]
     lines += ["", "Each method runs with its preset's defaults (`pgd`: 10 steps). *Ratio to PGD-10*: minimum "
@@ -352,10 +360,10 @@ def markers(size: str) -> Tuple[str, str]:
 
 
 def write_report(path: Path, results: Results) -> None:
-    """Put ``results``' section into the Markdown file ``path``, between its
-    size's markers (appended with them when the file has none); the text
+    """Put ``results``' section into the Markdown file ``path``, between the
+    markers of :attr:`Results.section` (appended with them when the file has none); the text
     outside the markers is kept."""
-    begin, end = markers(results.size.name)
+    begin, end = markers(results.section)
     block = f"{begin}\n{render(results)}{end}"
     text = path.read_text() if path.exists() else "# Benchmarks\n"
     pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
