@@ -44,7 +44,7 @@ from .passes import PassCounter
 REFERENCE = "pgd"
 """The method every ratio divides by: PGD with its preset's 10 steps."""
 BASELINE = "baseline (plain PyTorch PGD-10)"
-COLUMNS = ("Method", "Epoch (s), min", "Epoch (s), median", "Ratio to PGD-10", "Forward / example",
+COLUMNS = ("Method", "Epoch (s), min", "Epoch (s), median", "Ratio to PGD-10", "Steps / batch", "Forward / example",
            "Input-only backward / example", "Full backward / example", "Cost-model ratio", "Peak memory (MiB)")
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -83,13 +83,15 @@ SIZES: Dict[str, BenchSize] = {s.name: s for s in (
 @dataclass
 class Row:
     """One method's measurements: epoch wall times (s), counted passes per
-    example (None under ``torch.compile``, whose graphs hide the passes from
-    hooks) and peak memory (MiB)."""
+    example and optimizer step (None under ``torch.compile``, whose graphs
+    hide the passes from hooks), peak memory (MiB), and its optimizer steps
+    per batch (Free-AT's replays)."""
 
     name: str
     times: List[float] = field(default_factory=list)
     passes: Optional[Passes] = None
     memory_mib: float = 0.0
+    steps_per_batch: int = 1
 
 
 @dataclass
@@ -118,9 +120,12 @@ class Results:
         return min(self.row(name).times) / min(self.row(REFERENCE).times)
 
     def cost_ratio(self, name: str) -> Optional[float]:
-        """The cost model's prediction of :meth:`ratio` from the counted passes."""
-        mine, reference = self.row(name).passes, self.row(REFERENCE).passes
-        return None if mine is None or reference is None else mine.cost / reference.cost
+        """The cost model's prediction of :meth:`ratio` from the counted
+        passes: the cost of an epoch's optimizer steps over PGD-10's."""
+        mine, reference = self.row(name), self.row(REFERENCE)
+        if mine.passes is None or reference.passes is None:
+            return None
+        return mine.passes.cost * mine.steps_per_batch / (reference.passes.cost * reference.steps_per_batch)
 
 
 # ---------------------------------------------------------------- the runs
@@ -187,12 +192,12 @@ class MethodRun(_Run):
     ``Trainer.setup``; an epoch is ``Trainer.train_epoch``."""
 
     def __init__(self, method: Method, size: BenchSize, data: Tuple[Tensor, Tensor], compile: bool = False) -> None:
-        self.row = Row(method.name)
         self.compiled = compile and method.compiles
         self.trainer = method.build(_model(size), batch_size=size.batch_size, precision=size.precision,
                                     device=size.device, compile=self.compiled, eval_every=0, eval_attack=None,
                                     progress=False, seed=0)
         loader = self.trainer.setup(data)
+        self.row = Row(method.name, steps_per_batch=self.trainer.replays)
         self.model, self.device = self.trainer.model, self.trainer.device
         self.examples = loader.num_examples * self.trainer.replays
 
@@ -333,7 +338,8 @@ def table_rows(results: Results) -> List[List[str]]:
         p = row.passes
         counted = ["n/a"] * 3 if p is None else [f"{v:g}" for v in (p.forward, p.input_backward, p.full_backward)]
         out.append([row.name, _number(min(row.times)), _number(statistics.median(row.times)),
-                    _number(results.ratio(row.name)), *counted, _number(results.cost_ratio(row.name)),
+                    _number(results.ratio(row.name)), str(row.steps_per_batch), *counted,
+                    _number(results.cost_ratio(row.name)),
                     _number(row.memory_mib)])
     return out
 
@@ -348,9 +354,11 @@ def render(results: Results) -> str:
              "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(cells) + " |" for cells in table_rows(results)]
     lines += ["", "Each method runs with its preset's defaults (`pgd`: 10 steps). *Ratio to PGD-10*: minimum "
-              "epoch time over PGD-10's, same run. Passes are counted per example and optimizer step by hooks "
-              "on the model in the warm-up epoch; *cost-model ratio*: forward = input-only backward = F, full "
-              "backward = 2F, over PGD-10's 23F. *Peak memory*: from building the method to the end of its "
+              "epoch time over PGD-10's, same run. *Steps / batch*: optimizer steps per batch (Free-AT's "
+              "replays). Passes are counted per example and optimizer step by hooks on the model in the warm-up "
+              "epoch; *cost-model ratio*: an epoch's passes (per step × steps per batch) priced at forward = "
+              "input-only backward = F, full backward = 2F, over PGD-10's 23F. *Peak memory*: from building the "
+              "method to the end of its "
               "first timed epoch (CUDA: allocator peak; CPU: peak RSS above the start, an upper bound).", ""]
     return "\n".join(lines)
 

@@ -53,6 +53,8 @@ def test_every_registered_method_is_a_row_pgd_first_the_baseline_last(smoke):
     names = [row.name for row in smoke.rows]
     assert names[0] == "pgd" and names[-1] == BASELINE and set(names[1:-1]) == set(METHODS) - {"pgd"}
     assert all(len(row.times) == 2 and min(row.times) > 0 for row in smoke.rows)
+    assert {row.name: row.steps_per_batch for row in smoke.rows}["free-at"] == METHODS["free-at"].build(
+        torch.nn.Linear(1, 1), device="cpu").replays
     assert [cells[0] for cells in table_rows(smoke)] == names
 
 
@@ -93,7 +95,8 @@ def test_counter_needs_examples():
 # ------------------------------------------------------------------- report
 def _results() -> Results:
     rows = [Row("pgd", [2.0, 2.4, 2.2], Passes(11, 10, 1), 100.0), Row("apart", [0.5, 0.44, 0.6], SINGLE_STEP, 50.0),
-            Row("gradalign", [1.0, 1.2], None, 80.0), Row(BASELINE, [3.1, 3.0], Passes(11, 0, 11), 120.0)]
+            Row("gradalign", [1.0, 1.2], None, 80.0), Row("free-at", [2.1], Passes(1, 0, 1), 60.0, steps_per_batch=8),
+            Row(BASELINE, [3.1, 3.0], Passes(11, 0, 11), 120.0)]
     return Results(SIZES["cpu"], rows, "synthetic", "python -m pytest benchmarks/ --bench-size cpu",
                    {"date": "2026-12-02 10:00 UTC", "code": "abc1234", "machine": "test CPU", "software": "torch"})
 
@@ -108,13 +111,15 @@ def _table(text: str):
 def test_report_columns_and_arithmetic():
     text = render(_results())
     header, rows = _table(text)
-    assert tuple(header) == COLUMNS and list(rows) == ["pgd", "apart", "gradalign", BASELINE]
+    assert tuple(header) == COLUMNS and list(rows) == ["pgd", "apart", "gradalign", "free-at", BASELINE]
     assert rows["apart"]["Epoch (s), min"] == "0.44" and rows["apart"]["Epoch (s), median"] == "0.5"
     assert rows["apart"]["Ratio to PGD-10"] == "0.22"  # 0.44 / 2.0, the minima
     assert rows["apart"]["Cost-model ratio"] == "0.217"  # 5F / 23F
     assert rows[BASELINE]["Ratio to PGD-10"] == "1.5" and rows[BASELINE]["Cost-model ratio"] == "1.43"  # 33F / 23F
     assert rows["pgd"]["Forward / example"] == "11" and rows[BASELINE]["Full backward / example"] == "11"
     assert rows["gradalign"]["Forward / example"] == "n/a" == rows["gradalign"]["Cost-model ratio"]  # not counted
+    # Free-AT: 3F per optimizer step, 8 steps per batch: 24F an epoch's batch against PGD-10's 23F.
+    assert rows["free-at"]["Steps / batch"] == "8" and rows["free-at"]["Cost-model ratio"] == "1.04"
     assert rows["pgd"]["Peak memory (MiB)"] == "100"
     assert "2026-12-02" in text and "abc1234" in text and "test CPU" in text and "--bench-size cpu" in text
 
