@@ -287,6 +287,9 @@ def run(size: BenchSize, data_dir: Optional[str] = None, methods: Optional[Seque
     if unknown:
         raise ValueError(f"unknown methods {unknown}; registered: {', '.join(METHODS)}")
     images, labels, description = make_data(size, data_dir)
+    # One untimed step first: the process's one-off costs (thread pools,
+    # kernel libraries, a CUDA context) are not charged to the first row.
+    BaselineRun(size, (images[:size.batch_size], labels[:size.batch_size]), steps=1).warm_up()
     runs: List[_Run] = []
     for name in names + [BASELINE]:
         with PeakMemory(torch.device(size.device)) as memory:
