@@ -51,7 +51,7 @@ def _annotation(method: Method, option: str) -> str:
 
 def _show(value: Any) -> str:
     """A default as the help text shows it: ε-like floats as k/255."""
-    if isinstance(value, float) and not isinstance(value, bool):
+    if isinstance(value, float):
         levels = Fraction(value).limit_denominator(255)
         if levels.denominator == 255 and abs(float(levels) - value) < 1e-12:
             return f"{levels.numerator}/255"
