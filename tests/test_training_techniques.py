@@ -16,6 +16,7 @@ from advtrain import cli
 from advtrain.attacks import FGSMRS
 from advtrain.data import DeviceLoader
 from advtrain.diagnostics import RobustnessDropMonitor
+from advtrain.methods import METHODS
 from advtrain.models import SmallCNN
 from advtrain.policies.attack_policy import CleanPolicy
 from advtrain.training import (Callback, CheckpointError, LambdaCallback, WeightAverage, evaluation_weights,
@@ -401,3 +402,24 @@ def test_cli_refuses_keep_best_without_validation_and_averaged_weights_without_a
     assert cli.main(["eval", str(tmp_path / "plain"), "--data", str(data), "--weights", "averaged",
                      "--n-examples", "4", "--no-progress", "--device", "cpu"]) == 2
     assert "no weight average" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_every_registered_method_trains_with_weight_averaging_and_best_by_validation(tmp_path, name):
+    """Weight averaging, the validation split and the best checkpoint are
+    Trainer options, so every method of the registry takes them as they are."""
+    method = METHODS[name]
+    short = {"epochs": 2}
+    if "steps" in method.options:
+        short["steps"] = 1
+    if "replays" in method.options:
+        short["replays"] = 2
+    trainer = method.build(small_model(), batch_size=16, lr=0.05, eval_examples=16, eval_attack=PGD(EPS, steps=1),
+                           val_attack=PGD(EPS, steps=1), progress=False, seed=0, device="cpu", run_dir=tmp_path,
+                           weight_average=0.9, val_examples=16, callbacks=[RobustnessDropMonitor()], **short)
+    history = trainer.fit(synthetic(64), eval_data=synthetic(16, seed=1))
+    record = history[-1]
+    for key in ("wa_clean_acc", "val_robust_acc", "wa_val_robust_acc"):
+        assert 0.0 <= record[key] <= 1.0, (name, key, record)
+    best = load_checkpoint(tmp_path / "best.pt")
+    assert best["config"]["policy"] == trainer.config()["policy"] and "weight_average" in best
