@@ -194,7 +194,8 @@ def _train_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--keep-best", action="store_true",
                    help="write OUT/best.pt with the model (raw or averaged) of best validation PGD-10 accuracy; "
                         "needs --val-examples")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no live progress bar (the startup line and one line per epoch stay)")
     p.set_defaults(func=run_train)
     return p
 

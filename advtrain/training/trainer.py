@@ -134,7 +134,15 @@ class Trainer:
             the last).
         keep_checkpoints: also keep ``checkpoint_epochNNN.pt`` per checkpoint.
         callbacks: :class:`Callback` objects.
-        progress: show a progress bar per epoch.
+        progress: show a live progress bar per epoch (stderr; see
+            :func:`~advtrain.utils.progress_bar`), first drawn after step 1.
+            ``False`` removes the bar alone: ``verbose`` keeps the lines.
+        verbose: print (stdout, rank 0) a startup line when :meth:`fit`
+            starts (device, threads, model and parameter count, method,
+            epochs, steps, batch size, precision, run directory, resume
+            epoch), a line before each evaluation, and a summary line per
+            epoch with the run's elapsed time and its ETA (from the mean
+            epoch time so far). ``False`` prints nothing, bars included.
         seed: seed the global RNG and the loader at the start of ``fit`` (in a
             distributed run, process ``r`` seeds its RNG with ``seed + r``).
         distributed: train data-parallel over the initialized
@@ -176,6 +184,7 @@ class Trainer:
         keep_checkpoints: bool = False,
         callbacks: Sequence[Callback] = (),
         progress: bool = True,
+        verbose: bool = True,
         seed: Optional[int] = None,
         distributed: Optional[bool] = None,
     ) -> None:
@@ -264,7 +273,8 @@ class Trainer:
         names = [cb.name for cb in self.callbacks]
         if len(set(names)) != len(names):
             raise ValueError(f"callback names must be unique (they key checkpoint state), got {names}")
-        self.progress = bool(progress) and self.is_main
+        self.verbose = bool(verbose) and self.is_main
+        self.progress = bool(progress) and self.verbose
         self.seed = seed
         self.history = History(path=self.run_dir / METRICS_NAME if self.run_dir and self.is_main else None)
         self.epoch = 0
@@ -519,6 +529,27 @@ class Trainer:
         if self.run_dir is not None and path == self.run_dir / CHECKPOINT_NAME:
             self._checkpoint_epoch = self.epoch
 
+    def _startup_line(self, resumed: bool) -> str:
+        """What :meth:`fit` is about to run, in one line."""
+        name = model_record(self.model).name or type(self.model).__name__
+        params = sum(p.numel() for p in self.model.parameters())
+        device = str(self.device)
+        if self.device.type == "cuda":
+            device += f" ({torch.cuda.get_device_name(self.device)})"
+        dtype = self.autocast_dtype
+        precision = "fp32" if dtype is None else f"{str(dtype).replace('torch.', '')} autocast"
+        batch = f"batch {self.batch_size}"
+        if self.distributed:
+            batch += f" per process x {self.world_size} processes"
+        steps = len(self.loader) if self.loader is not None else 0
+        return "; ".join([
+            f"training {name} ({params:,} parameters) with {type(self).__name__} ({type(self.policy).__name__})",
+            f"{self.epochs} epochs x {steps} steps, {batch}, {precision}",
+            f"device {device}, {torch.get_num_threads()} torch threads",
+            f"run dir {self.run_dir}" if self.run_dir is not None else "no run dir",
+            f"resuming at epoch {self.epoch + 1}" if resumed else "starting at epoch 1",
+        ])
+
     # -------------------------------------------------------------- evaluation
     def evaluate(self, images: Tensor, labels: Tensor) -> Dict[str, float]:
         """Clean and (with ``eval_attack``) robust accuracy of the model, in
@@ -653,6 +684,9 @@ class Trainer:
     def _fit(self, train: Any, eval_data: Any, resume: Union[bool, str, Path, None],
              init_weights: Union[str, Path, None]) -> History:
         self.setup(train, resume=resume, init_weights=init_weights)
+        if self.verbose:
+            print(self._startup_line(bool(resume)), flush=True)
+        run_start, first_epoch = time.perf_counter(), self.epoch
         eval_images = eval_labels = None
         if eval_data is not None and self.eval_every > 0:
             eval_images, eval_labels = as_tensors(eval_data)
@@ -668,6 +702,9 @@ class Trainer:
             last = self.epoch == self.epochs
             due = self.eval_every > 0 and (self.epoch % self.eval_every == 0 or last)
             if eval_images is not None and due:
+                if self.verbose:
+                    print(_evaluation_line(f"evaluating {eval_images.shape[0]} images", self.eval_attack,
+                                           self.weight_average is not None), flush=True)
                 t0 = time.perf_counter()
                 record.update(self.evaluate(eval_images, eval_labels))
                 if self.weight_average is not None:
@@ -675,6 +712,9 @@ class Trainer:
                                                    self.eval_attack, "wa_", seed=self.epoch))
                 record["eval_time"] = time.perf_counter() - t0
             if self._val is not None and due:
+                if self.verbose:
+                    print(_evaluation_line(f"validating on {self._val[1].shape[0]} held-out images",
+                                           self.val_attack, self.weight_average is not None), flush=True)
                 t0 = time.perf_counter()
                 record.update(self.validate())
                 record["val_time"] = time.perf_counter() - t0
@@ -684,8 +724,10 @@ class Trainer:
                 flag = dist_utils.all_reduce_sum(torch.tensor([float(self.stop_training)], device=self.device))
                 self.stop_training = bool(flag.item() > 0)
             self.history.append(record)
-            if self.progress:
-                print(_summary(record), flush=True)
+            if self.verbose:
+                elapsed = time.perf_counter() - run_start
+                remaining = elapsed / (self.epoch - first_epoch) * (self.epochs - self.epoch)
+                print(_summary(record, elapsed, remaining), flush=True)
             if self.run_dir is not None and (self.epoch % self.checkpoint_every == 0 or last or self.stop_training):
                 self.save_checkpoint()
                 if self.keep_checkpoints:
@@ -768,7 +810,7 @@ class Trainer:
             # cross-entropy is >= 0, so the sum is finite while every loss is.
             if (i + 1) % FINITE_CHECK_STEPS == 0:
                 self._check_finite(self._loss_sum_everywhere(loss_sum), epoch, i + 1)
-            if self.progress and ((i + 1) % log_every == 0 or i + 1 == steps):
+            if self.progress and (i == 0 or (i + 1) % log_every == 0 or i + 1 == steps):
                 mean_loss = float(loss_sum) / seen  # a host sync for the progress bar
                 self._check_finite(mean_loss, epoch, i + 1)
                 bar.set_postfix({"loss": f"{mean_loss:.4g}", "acc": f"{float(correct) / seen:.4g}", "lr": f"{lr:.4g}"},
@@ -802,7 +844,21 @@ def _rank_path(path: Path, rank: int) -> Path:
     return path.with_name(f"{path.stem}.rank{rank}{path.suffix}")
 
 
-def _summary(record: Dict[str, Any]) -> str:
+def _attack_name(attack: Attack) -> str:
+    """A short name of an evaluation attack: its class, and its steps when it has them (``PGD-20``)."""
+    steps = getattr(attack, "steps", None)
+    return type(attack).__name__ + (f"-{steps}" if isinstance(steps, int) else "")
+
+
+def _evaluation_line(what: str, attack: Optional[Attack], averaged: bool) -> str:
+    """The line printed before an evaluation: its images and passes."""
+    passes = "clean" if attack is None else f"clean, {_attack_name(attack)}"
+    models = "; raw and averaged models" if averaged else ""
+    return f"{what} ({passes}{models}) ..."
+
+
+def _summary(record: Dict[str, Any], elapsed: float, remaining: float) -> str:
+    """An epoch's summary line; ``elapsed`` and ``remaining`` are the run's seconds so far and still due."""
     parts = [f"epoch {record['epoch']}"]
     for key, label in (("train_loss", "loss"), ("train_acc", "train_acc"), ("clean_acc", "clean_acc"),
                        ("robust_acc", "robust_acc"), ("wa_robust_acc", "wa_robust_acc"),
@@ -810,7 +866,14 @@ def _summary(record: Dict[str, Any]) -> str:
                        ("time", "time_s")):
         if record.get(key) is not None:
             parts.append(f"{label}={record[key]:.4f}" if key != "time" else f"{label}={record[key]:.1f}")
+    parts += [f"elapsed={_clock(elapsed)}", f"eta={_clock(remaining)}"]
     return "  ".join(parts)
+
+
+def _clock(seconds: float) -> str:
+    """Seconds as ``H:MM:SS``."""
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}"
 
 
 __all__ = ["Trainer", "pgd20"]
