@@ -13,7 +13,7 @@ import argparse
 import inspect
 from collections import Counter
 from fractions import Fraction
-from typing import Any, Callable, Dict, List, Sequence
+from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 from .methods import METHODS, Method, get_method
 
@@ -21,6 +21,34 @@ from .methods import METHODS, Method, get_method
 OPTION_HELP: Dict[str, str] = {
     "eps": "training radius in pixel units, e.g. 8/255",
     "steps": "attack steps",
+    "step_lr": "peak learning rate of the step-size ascent, for the reference run's 11,730 steps",
+    "step_lr_rule": "scaled: step_lr x 11,730 / this run's steps when shorter; reference: step_lr as given",
+    "step_weight_decay": "weight decay on the learned step sizes",
+    "init_step": "initial input step size, pixel units",
+    "init_scale": "initial scale of the learned initialization, pixel units",
+    "layerwise": "perturb the model's intermediate layers too",
+    "sites": "comma list of module names to perturb (default: the model's declared sites)",
+    "store_dtype": "dtype of the per-example store",
+    "reset_every": "redraw the per-example store every N epochs",
+}
+
+
+def parse_names(text: str) -> List[str]:
+    """A comma list of names (``"block1,block2"``) as a list; empty names are
+    an error."""
+    names = [name.strip() for name in str(text).split(",")]
+    if not names or any(not name for name in names):
+        raise argparse.ArgumentTypeError(f"expected a comma list of names like block1,block2, got {text!r}")
+    return names
+
+
+#: Value parsers of method options whose presets' types argparse cannot infer.
+OPTION_PARSERS: Dict[str, Callable[[str], Any]] = {"sites": parse_names}
+
+#: The allowed values of method options that take one of a few names.
+OPTION_CHOICES: Dict[str, Tuple[str, ...]] = {
+    "store_dtype": ("float32", "bfloat16", "float16"),
+    "step_lr_rule": ("scaled", "reference"),
 }
 
 
@@ -82,6 +110,10 @@ def _kind(option: str, parsers: Dict[str, Callable[[str], Any]]) -> Dict[str, An
     """``add_argument`` keywords that parse ``option`` as its presets type it."""
     if option in parsers:
         return {"type": parsers[option]}
+    if option in OPTION_PARSERS:
+        return {"type": OPTION_PARSERS[option]}
+    if option in OPTION_CHOICES:
+        return {"type": str, "choices": OPTION_CHOICES[option]}
     samples = [_preset_default(METHODS[name], option) for name in takers(option)]
     annotation = " ".join(_annotation(METHODS[name], option) for name in takers(option))
     if any(isinstance(s, bool) for s in samples) or "bool" in annotation:
@@ -107,7 +139,7 @@ def add_method_arguments(parser: argparse.ArgumentParser, default: str,
             continue
         metavar = option.upper() if option != "steps" else "K"
         kind = _kind(option, parsers)
-        extra = {} if "action" in kind else {"metavar": metavar}
+        extra = {} if "action" in kind or "choices" in kind else {"metavar": metavar}
         parser.add_argument(flag(option), dest=option, default=None, help=_help(option), **kind, **extra)
 
 
@@ -139,4 +171,5 @@ def method_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
     return kwargs
 
 
-__all__ = ["OPTION_HELP", "add_method_arguments", "flag", "method_kwargs", "options", "takers"]
+__all__ = ["OPTION_CHOICES", "OPTION_HELP", "OPTION_PARSERS", "add_method_arguments", "flag", "method_kwargs",
+           "options", "parse_names", "takers"]

@@ -16,7 +16,8 @@ tried as TOML, then JSON)::
     out = "runs/apart"
 
 Values are checked against the flag they stand for (its type, its choices,
-``true``/``false`` for switches) and converted as the flag would convert
+``true``/``false`` for switches; a list of names or a comma list string
+for a comma-list flag such as ``sites``) and converted as the flag would convert
 them, so a config file can never hold something the command line would
 reject. Unknown keys are an error naming them. Nothing in a config file is
 evaluated as code.
@@ -28,6 +29,8 @@ import json
 import math
 from pathlib import Path
 from typing import Any, Dict, Iterable, Mapping, Optional, Union
+
+from .cli_methods import parse_names
 
 PathLike = Union[str, "Path"]
 
@@ -140,6 +143,10 @@ def _convert(action: argparse.Action, value: Any) -> Any:
         if not isinstance(value, str):
             raise ValueError(f"must be a string, got {value!r}")
         converted = value
+    elif kind is parse_names and isinstance(value, list):  # a comma-list flag: a list of names too
+        if not value or not all(isinstance(name, str) for name in value):
+            raise ValueError(f"must be a non-empty list of names or a comma list string, got {value!r}")
+        converted = parse_names(",".join(value))
     else:  # a parsing function such as parse_eps: feed it the text the flag would get
         if isinstance(value, bool) or not isinstance(value, (str, int, float)):
             raise ValueError(f"must be a number or a string, got {value!r}")

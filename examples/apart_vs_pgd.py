@@ -13,7 +13,8 @@ evaluation (CW-∞ and AutoAttack-grade APGD), run
 ``advtrain eval runs/apart_vs_pgd/apart --data ./data --suite full`` afterwards.
 
 With ``--quick`` the runs are 120 steps long instead of the reference's
-11,730, so APART's step-size learning rate is scaled up to let its learned
+11,730, so ``APARTTrainer`` scales its step-size learning rate up by
+11,730 / 120 (its default ``step_lr_rule="scaled"``) to let its learned
 step sizes grow within the run; even so they stay below ε, and a quick run
 shows the cost ratio rather than the robustness of a full run (measured
 numbers in docs/methods/apart.md).
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import math
 import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -32,14 +32,6 @@ import torch
 from advtrain import APARTTrainer, PGDTrainer, PreActResNet18, cifar10
 from advtrain.evaluation import evaluate
 from advtrain.models import SmallCNN
-
-
-def apart_step_lr(epochs: int, examples: int, batch_size: int = 128) -> float:
-    """APART's step-size learning rate, scaled up for runs shorter than the
-    reference run's 30 × 391 steps so its learned step sizes still grow (the
-    paper's 5e-8 at full size)."""
-    steps = epochs * math.ceil(examples / batch_size)
-    return 5e-8 * max(1.0, 30 * 391 / steps)
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
@@ -70,8 +62,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, float]]:
     common = dict(epochs=epochs, batch_size=args.batch_size, lr=0.2, schedule="cyclic", device=args.device,
                   seed=args.seed, eval_every=0)  # evaluate once, below, with the same attack for both
     trainers = {
-        "APART": APARTTrainer(copy.deepcopy(model), run_dir=Path(args.out) / "apart",
-                              step_lr=apart_step_lr(epochs, len(train), args.batch_size), **common),
+        "APART": APARTTrainer(copy.deepcopy(model), run_dir=Path(args.out) / "apart", **common),
         "PGD-10": PGDTrainer(copy.deepcopy(model), steps=10, run_dir=Path(args.out) / "pgd10", **common),
     }
 

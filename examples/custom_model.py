@@ -16,7 +16,6 @@ units.
 from __future__ import annotations
 
 import argparse
-import math
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -57,14 +56,6 @@ def timm_model(name: str, num_classes: int = 10) -> Tuple[nn.Module, List[str]]:
     return model, [f"1.{n}" for n in stages[:-1]]  # not the last stage, right before the classifier
 
 
-def apart_step_lr(epochs: int, examples: int, batch_size: int = 128) -> float:
-    """APART's step-size learning rate, scaled up for runs shorter than the
-    reference run's 30 × 391 steps so its learned step sizes still grow (the
-    paper's 5e-8 at full size)."""
-    steps = epochs * math.ceil(examples / batch_size)
-    return 5e-8 * max(1.0, 30 * 391 / steps)
-
-
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", required=True, help="directory holding cifar-10-batches-py/")
@@ -93,7 +84,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     epochs = args.epochs or (2 if args.quick else 30)
     trainer = APARTTrainer(model, epochs=epochs, run_dir=args.out, device=args.device,
                            eval_examples=args.eval_examples or (200 if args.quick else 1000),
-                           step_lr=apart_step_lr(epochs, len(train)), **site_args)
+                           **site_args)
     history = trainer.fit(train, eval_data=test)
 
     last = history[-1]

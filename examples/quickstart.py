@@ -13,18 +13,9 @@ per epoch) and ``checkpoint.pt``. Evaluate and plot it afterwards with
 from __future__ import annotations
 
 import argparse
-import math
 from typing import Any, Dict, Optional, Sequence
 
 from advtrain import APARTTrainer, PreActResNet18, cifar10
-
-
-def apart_step_lr(epochs: int, examples: int, batch_size: int = 128) -> float:
-    """APART's step-size learning rate, scaled up for runs shorter than the
-    reference run's 30 × 391 steps so its learned step sizes still grow (the
-    paper's 5e-8 at full size)."""
-    steps = epochs * math.ceil(examples / batch_size)
-    return 5e-8 * max(1.0, 30 * 391 / steps)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
@@ -47,8 +38,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     if n_train:
         train = train.subset(min(n_train, len(train)))
     model = PreActResNet18(width=16) if args.quick else PreActResNet18()
-    trainer = APARTTrainer(model, epochs=epochs, run_dir=args.out, device=args.device, eval_examples=n_eval,
-                           step_lr=apart_step_lr(epochs, len(train)))
+    trainer = APARTTrainer(model, epochs=epochs, run_dir=args.out, device=args.device, eval_examples=n_eval)
     history = trainer.fit(train, eval_data=test)
     last = history[-1]
     print(f"APART, {len(history)} epochs on {len(train)} images: clean accuracy {last['clean_acc']:.3f}, "

@@ -245,8 +245,9 @@ def test_apart_steps_equal_the_reference_code_in_float64(monkeypatch) -> None:
         for block, value in zip(ref.blocks(), ALPHA_SITES):
             block.alpha.fill_(value)
 
-    trainer = APARTTrainer(model, init_step=ALPHA, init_scale=ALPHA_OMEGA, step_lr=STEP_LR, epochs=1,
-                           batch_size=BATCH, channels_last=False, precision="fp32", device="cpu",
+    # the reference code's learning rate as given, at this two-step run's length
+    trainer = APARTTrainer(model, init_step=ALPHA, init_scale=ALPHA_OMEGA, step_lr=STEP_LR, step_lr_rule="reference",
+                           epochs=1, batch_size=BATCH, channels_last=False, precision="fp32", device="cpu",
                            eval_every=0, progress=False)
     policy = trainer.policy
     assert (policy.eps, policy.weight_decay, policy.momentum) == (EPS, STEP_DECAY, 0.9)

@@ -38,12 +38,6 @@ def test_quickstart_runs_as_a_script(cifar10_dir, tmp_path):
     assert (out / "checkpoint.pt").is_file()
 
 
-def test_quick_step_lr_is_the_paper_value_at_full_size():
-    quickstart = load("quickstart")
-    assert quickstart.apart_step_lr(30, 50_000) == 5e-8
-    assert quickstart.apart_step_lr(1, 256) == pytest.approx(5e-8 * 11_730 / 2)
-
-
 def test_apart_vs_pgd_prints_the_comparison_table(cifar10_dir, tmp_path, capsys):
     rows = load("apart_vs_pgd").main(["--data", str(cifar10_dir), *TINY, "--batch-size", "64",
                                       "--out", str(tmp_path)])

@@ -3,6 +3,7 @@
 Drop in Adversarial Training", arXiv 2010.08034)."""
 from __future__ import annotations
 
+import warnings
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
@@ -16,6 +17,34 @@ from ..utils.modes import model_mode
 from ..utils.precision import active_autocast_dtype
 from .base import Perturbation, PerturbationPolicy, PolicyContext
 from .store import PerExampleStore, resolve_store_dtype
+
+
+#: Optimizer steps of the reference training run (30 epochs × 391 batches of
+#: 128 CIFAR-10 images), the run length the default ``lr`` was tuned for.
+REFERENCE_STEPS = 30 * 391
+
+#: How the step-size learning rate follows the run's length: ``"scaled"``
+#: multiplies it by ``REFERENCE_STEPS / steps`` for runs shorter than the
+#: reference, ``"reference"`` keeps it as given.
+LR_RULES = ("scaled", "reference")
+
+
+def scaled_step_lr(lr: float, total_steps: int, rule: str = "scaled") -> float:
+    """The peak step-size learning rate a run of ``total_steps`` optimizer
+    steps uses under ``rule`` (one of :data:`LR_RULES`).
+
+    The learned step sizes grow by the sum of the triangular learning rate
+    over the run, which is proportional to its length; ``"scaled"`` raises
+    ``lr`` by ``REFERENCE_STEPS / total_steps`` when the run is shorter, so a
+    short run's step sizes grow about as far as the reference run's. Longer
+    runs, and ``"reference"``, keep ``lr``."""
+    if rule not in LR_RULES:
+        raise ValueError(f"lr_rule must be one of {list(LR_RULES)}, got {rule!r}")
+    if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
+        raise ValueError(f"total_steps must be a positive integer, got {total_steps!r}")
+    if rule == "reference":
+        return float(lr)
+    return float(lr) * max(1.0, REFERENCE_STEPS / total_steps)
 
 
 def _triangle(peak: float, progress: float) -> float:
@@ -55,7 +84,14 @@ class APARTPolicy(PerturbationPolicy):
         sites: site names to perturb. Default: every site the model declares.
             Names of plain submodules get a site attached to their output.
         init_step, init_scale, site_init: initial α, α_ω and α_l.
-        lr: peak learning rate of the step-size ascent.
+        lr: peak learning rate of the step-size ascent, for a run of the
+            reference length (:data:`REFERENCE_STEPS` optimizer steps).
+        lr_rule: ``"reference"`` (default here) uses ``lr`` as given, and
+            warns once when the run is under a quarter of the reference
+            length; ``"scaled"`` scales it to the run's length with
+            :func:`scaled_step_lr` (the default of
+            :class:`~advtrain.training.presets.APARTTrainer`). The peak in use
+            is :attr:`run_lr` once :meth:`setup` knows the run's length.
         weight_decay: decay on the step sizes. The reference run effectively
             applied 1200 (400 in its own optimizer plus the model optimizer's
             decay, which reached the scalars too); that is the default.
@@ -79,6 +115,7 @@ class APARTPolicy(PerturbationPolicy):
         weight_decay: float = 1200.0,
         momentum: float = 0.9,
         store_dtype: Union[str, torch.dtype] = "float32",
+        lr_rule: str = "reference",
     ) -> None:
         self.eps = float(check_eps(eps, "linf", "eps"))
         self.layerwise = bool(layerwise)
@@ -89,6 +126,11 @@ class APARTPolicy(PerturbationPolicy):
         self.init_scale = float(check_radius(init_scale, "init_scale"))
         self.site_init = float(check_radius(site_init, "site_init"))
         self.lr = float(check_radius(lr, "lr"))
+        if lr_rule not in LR_RULES:
+            raise ValueError(f"lr_rule must be one of {list(LR_RULES)}, got {lr_rule!r}")
+        self.lr_rule = lr_rule
+        self.run_lr = self.lr
+        self._warned_short = False
         self.weight_decay = float(check_radius(weight_decay, "weight_decay"))
         if not 0.1 <= momentum < 1.0:
             raise ValueError(f"momentum must be in [0.1, 1), got {momentum}")
@@ -102,6 +144,14 @@ class APARTPolicy(PerturbationPolicy):
     def setup(self, model: nn.Module, context: PolicyContext) -> None:
         device = context.device
         self.context = context
+        total_steps = max(1, context.epochs * context.steps_per_epoch)
+        self.run_lr = scaled_step_lr(self.lr, total_steps, self.lr_rule)
+        if self.lr_rule == "reference" and total_steps < REFERENCE_STEPS / 4 and not self._warned_short:
+            self._warned_short = True
+            warnings.warn(f"APART's step-size learning rate lr={self.lr:g} is tuned for {REFERENCE_STEPS} "
+                          f"optimizer steps; this run has {total_steps}, so its step sizes stay near their "
+                          f"initial values; use lr_rule='scaled' (--step-lr-rule scaled) to scale lr to the "
+                          f"run's length", UserWarning, stacklevel=2)
         self.model = model  # the plain model: its sites are the ones perturbed
         if self.layerwise:
             declared = find_sites(model)
@@ -197,7 +247,7 @@ class APARTPolicy(PerturbationPolicy):
             self.store.write(batch.index, batch.aug, omega)
         progress = self.step / max(1, self.context.epochs * self.context.steps_per_epoch)
         for group in self.optimizer.param_groups:
-            group["lr"] = _triangle(self.lr, progress)
+            group["lr"] = _triangle(self.run_lr, progress)
             group["momentum"] = self.momentum - 0.1 * (1.0 - abs(2.0 * progress - 1.0))
         self.optimizer.step()  # the Trainer has averaged the gradients across processes
         self.optimizer.zero_grad(set_to_none=True)
@@ -236,4 +286,4 @@ class APARTPolicy(PerturbationPolicy):
 
     def __repr__(self) -> str:
         return (f"APARTPolicy(eps={self.eps}, layerwise={self.layerwise}, sites={self.site_names_requested}, "
-                f"lr={self.lr}, weight_decay={self.weight_decay})")
+                f"lr={self.lr}, lr_rule={self.lr_rule!r}, run_lr={self.run_lr}, weight_decay={self.weight_decay})")

@@ -118,8 +118,11 @@ class APARTTrainer(Trainer):
     against a triangular LR 0 → 0.2 → 0, weight decay 2e-4; step sizes ascend
     with peak LR ``step_lr`` = 5e-8 and decay ``step_weight_decay`` = 1200
     from ``init_step`` = ``init_scale`` = 1e-4 (α and α_ω). The step sizes grow
-    over the run, so runs much shorter than the reference's 30 epochs × 391
-    steps need a larger ``step_lr`` or ``init_step`` to perturb as strongly.
+    with the summed step-size LR, so by default (``step_lr_rule="scaled"``) a
+    run shorter than the reference's 30 epochs × 391 steps = 11,730 scales
+    ``step_lr`` by 11,730 / its total steps
+    (:func:`~advtrain.policies.apart.scaled_step_lr`);
+    ``step_lr_rule="reference"`` keeps ``step_lr`` as given.
     Crops are padded with grey (``pad_fill=0.5``) as in the reference code.
     Evaluation uses PGD-20 at ε = 8/255.
     """
@@ -127,9 +130,11 @@ class APARTTrainer(Trainer):
     def __init__(self, model: nn.Module, *, eps: float = 0.031, layerwise: bool = True,
                  sites: Optional[Sequence[str]] = None, init_step: float = 1e-4, init_scale: float = 1e-4,
                  step_lr: float = 5e-8, step_weight_decay: float = 1200.0,
-                 store_dtype: Union[str, torch.dtype] = "float32", **kwargs: Any) -> None:
+                 store_dtype: Union[str, torch.dtype] = "float32", step_lr_rule: str = "scaled",
+                 **kwargs: Any) -> None:
         policy = APARTPolicy(eps, layerwise=layerwise, sites=sites, init_step=init_step, init_scale=init_scale,
-                             lr=step_lr, weight_decay=step_weight_decay, store_dtype=store_dtype)
+                             lr=step_lr, weight_decay=step_weight_decay, store_dtype=store_dtype,
+                             lr_rule=step_lr_rule)
         epochs = kwargs.get("epochs", 30)
         super().__init__(model, policy,
                          **_with_defaults(kwargs, epochs=30, lr=0.2, schedule="cyclic", weight_decay=2e-4,
