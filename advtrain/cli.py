@@ -16,6 +16,7 @@ unknown config key, running out of memory or disk) are reported as one line
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib.util
 import json
 import os
@@ -34,6 +35,7 @@ from .methods import METHODS, get_method
 from .models import model_names
 from .training.atomic import atomic_write_text
 from .training.callbacks import Callback
+from .training.run_files import describe, existing_run
 from .training.run_lock import lock_run_dir
 from .training.schedules import NAMES as SCHEDULES, MultiStep, ScheduleLike
 
@@ -50,7 +52,24 @@ class CLIError(Exception):
 
 class _Parser(argparse.ArgumentParser):
     """An ArgumentParser whose errors are one line ``advtrain: error: ...``
-    (exit 2) pointing at the command's ``--help``, rather than a usage block."""
+    (exit 2) pointing at the command's ``--help``, rather than a usage block.
+    Flags must be spelled out (no abbreviations, so a typo such as ``--epoch``
+    is an error rather than a guess), and an unknown flag names the closest
+    known one."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        parsed, extras = super().parse_known_args(args, namespace)
+        unknown = [a.split("=", 1)[0] for a in extras if a.startswith("--")]
+        if unknown:
+            known = [o for action in self._actions for o in action.option_strings if o.startswith("--")]
+            close = difflib.get_close_matches(unknown[0], known, n=1)
+            if close:
+                self.error(f"unrecognized argument {unknown[0]}: did you mean {close[0]}?")
+        return parsed, extras
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"advtrain: error: {message} (see `{self.prog} --help`)\n")
@@ -177,6 +196,9 @@ def _train_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, metavar="DIR",
                    help="run directory: checkpoint.pt, metrics.jsonl, config.json")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--overwrite", action="store_true",
+                   help="OUT holds a run: remove what it wrote there (checkpoints, best.pt, metrics.jsonl, "
+                        "config.json) and start a fresh one")
     p.add_argument("--init-weights", default=None, metavar="CKPT",
                    help="start a fresh run from the model weights of CKPT (a checkpoint file or run directory of "
                         "any method); nothing else is taken from it")
@@ -258,13 +280,17 @@ def _train_model(args: argparse.Namespace, num_classes: int) -> Any:
 
 def _read_splits(args: argparse.Namespace) -> Tuple[Any, Any]:
     """The training and test splits named by ``--dataset`` / ``--data``."""
-    from .data import cifar10, cifar100
+    from .data import DatasetNotFoundError, cifar10, cifar100
 
     if not args.download and not Path(args.data).is_dir():
         raise CLIError(f"data directory {args.data} does not exist "
                        f"(pass --download to fetch {args.dataset} into it)")
     reader = cifar10 if args.dataset == "cifar10" else cifar100
-    train = reader(args.data, train=True, download=args.download)
+    try:
+        train = reader(args.data, train=True, download=args.download)
+    except DatasetNotFoundError as exc:  # its message names the Python argument, download=True
+        raise CLIError(f"no {exc.folder}/ in {exc.root}: pass --download to fetch {exc.url}, or --data a "
+                       f"directory holding the release unpacked as {exc.folder}/") from None
     test = reader(args.data, train=False, download=False)
     if args.train_examples is not None:
         train = train.subset(args.train_examples)
@@ -274,7 +300,9 @@ def _read_splits(args: argparse.Namespace) -> Tuple[Any, Any]:
 def recorded_options(args: argparse.Namespace) -> Dict[str, Any]:
     """The resolved options of a command, as written to ``config.json`` (and
     loadable again with ``--config``)."""
-    return {k: v for k, v in vars(args).items() if k not in RESERVED}
+    # --overwrite acts once, on the run it replaces: a later --resume reading
+    # config.json must not inherit it.
+    return {k: v for k, v in vars(args).items() if k not in RESERVED and k != "overwrite"}
 
 
 class _RecordConfig(Callback):
@@ -329,9 +357,15 @@ def run_train(args: argparse.Namespace) -> int:
         raise CLIError("--resume needs --out (the run directory to continue)")
     init_weights = _initial_weights(args)
     init_distributed()  # a multi-process run under torchrun: data-parallel training
+    if args.resume and args.overwrite:
+        raise CLIError("--resume continues the run in --out, --overwrite replaces it: drop one of them")
     if args.out and process_rank() == 0:
         # Locked before the data are read, so that a second run into OUT stops at once.
         with lock_run_dir(args.out):
+            found = [] if args.resume or args.overwrite else existing_run(args.out)
+            if found:
+                raise CLIError(f"{args.out} already holds a run ({describe(found)}): pass --resume to continue "
+                               "it, --overwrite to replace it, or another --out")
             return _train(args, init_weights)
     return _train(args, init_weights)
 
@@ -342,7 +376,8 @@ def _train(args: argparse.Namespace, init_weights: Optional[Path]) -> int:
     if args.out and trainer.is_main:
         trainer.callbacks.append(_RecordConfig(Path(args.out) / CONFIG_NAME, recorded_options(args)))
     try:
-        history = trainer.fit(train, eval_data=test, resume=bool(args.resume), init_weights=init_weights)
+        history = trainer.fit(train, eval_data=test, resume=bool(args.resume), init_weights=init_weights,
+                              overwrite=bool(args.overwrite))
     finally:
         shutdown_distributed()
     if not trainer.is_main:

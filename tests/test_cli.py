@@ -544,8 +544,10 @@ def test_resume_rebuilds_the_model_the_checkpoint_records(data_dir, tmp_path, ca
     assert run_cli(capsys, "train", "--method", "standard", "--data", data_dir, "--epochs", "1", "--out", run,
                    *TINY)[0] == 0
     torch.manual_seed(0)
-    Trainer(SmallCNN(width=4), epochs=1, batch_size=64, progress=False, eval_every=0, run_dir=run, seed=0,
+    other = tmp_path / "other"
+    Trainer(SmallCNN(width=4), epochs=1, batch_size=64, progress=False, eval_every=0, run_dir=other, seed=0,
             device="cpu").fit(cifar10(data_dir, train=True))
+    shutil.copy(other / "checkpoint.pt", run / "checkpoint.pt")
     rc, stdout, err = run_cli(capsys, "train", "--out", run, "--resume", "--epochs", "2")
     assert rc == 0, err
     assert "done: standard smallcnn 2 epochs" in stdout
@@ -559,8 +561,10 @@ def test_resume_refuses_a_dataset_with_another_number_of_classes(data_dir, tmp_p
     run = tmp_path / "run"
     assert run_cli(capsys, "train", "--method", "standard", "--data", data_dir, "--epochs", "1", "--out", run,
                    *TINY)[0] == 0
-    Trainer(SmallCNN(3, width=4), epochs=1, batch_size=16, progress=False, eval_every=0, run_dir=run).fit(
+    other = tmp_path / "other"
+    Trainer(SmallCNN(3, width=4), epochs=1, batch_size=16, progress=False, eval_every=0, run_dir=other).fit(
         (torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8), torch.arange(16) % 3))
+    shutil.copy(other / "checkpoint.pt", run / "checkpoint.pt")
     rc, _, err = run_cli(capsys, "train", "--out", run, "--resume", "--epochs", "2")
     assert rc == 2
     assert_one_error_line(err, "cannot resume", "its model has 3 classes and cifar10 has 10", "--dataset")

@@ -12,6 +12,7 @@ import io
 import os
 import pickle
 import tarfile
+import urllib.error
 from pathlib import Path
 from typing import Callable, Dict, List, Sequence, Tuple
 
@@ -24,7 +25,9 @@ from advtrain.data import (
     ArrayDataset,
     Augmentation,
     Batch,
+    DatasetNotFoundError,
     DeviceLoader,
+    DownloadError,
     apply_augmentation,
     as_tensors,
     cifar10,
@@ -305,6 +308,62 @@ def test_download_refuses_unsafe_archive_members(tmp_path, monkeypatch, attack):
         cifar10(root, download=True)
     assert not outside.exists()
     assert os.listdir(root) == []  # nothing extracted, archive deleted
+
+
+def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make every download fail as it does without network access."""
+    def refuse(*args, **kwargs):
+        raise urllib.error.URLError(OSError(-2, "Name or service not known"))
+
+    monkeypatch.setattr(cifar_module.urllib.request, "urlopen", refuse)
+
+
+def test_offline_download_names_the_url_and_how_to_place_the_folder(tmp_path, monkeypatch):
+    _offline(monkeypatch)
+    root = tmp_path / "data"
+    with pytest.raises(DownloadError) as err:
+        cifar10(root, download=True)
+    message = str(err.value)
+    assert cifar_module._SOURCES["cifar10"].url in message and "Name or service not known" in message
+    assert f"{root}/cifar-10-batches-py/" in message and "tar xzf cifar-10-python.tar.gz" in message
+    assert isinstance(err.value, OSError) and isinstance(err.value.__cause__, urllib.error.URLError)
+    assert os.listdir(root) == []  # the temporary archive is deleted
+
+
+def test_an_http_error_status_is_a_download_error(tmp_path, monkeypatch):
+    def not_found(url, *args, **kwargs):
+        raise urllib.error.HTTPError(url, 404, "Not Found", {}, None)
+
+    monkeypatch.setattr(cifar_module.urllib.request, "urlopen", not_found)
+    with pytest.raises(DownloadError, match="HTTP Error 404"):
+        cifar10(tmp_path, download=True)
+
+
+def test_a_missing_release_carries_what_a_front_end_needs_to_reword_it(tmp_path):
+    with pytest.raises(DatasetNotFoundError) as err:
+        cifar10(tmp_path)
+    assert err.value.root == str(tmp_path) and err.value.folder == "cifar-10-batches-py"
+    assert err.value.url == cifar_module._SOURCES["cifar10"].url
+
+
+def _cli_error(capsys, *argv: str) -> str:
+    from advtrain import cli
+
+    assert cli.main(list(argv)) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    return err
+
+
+def test_the_cli_names_download_not_the_python_argument(tmp_path, capsys):
+    err = _cli_error(capsys, "train", "--data", str(tmp_path), "--epochs", "1")
+    assert "--download" in err and "download=True" not in err and "cifar-10-batches-py/" in err
+
+
+def test_the_cli_reports_an_offline_download_in_one_line(tmp_path, monkeypatch, capsys):
+    _offline(monkeypatch)
+    err = _cli_error(capsys, "train", "--data", str(tmp_path / "data"), "--download", "--epochs", "1")
+    assert cifar_module._SOURCES["cifar10"].url in err and "unpack it by hand" in err
 
 
 # ---------------------------------------------------------------- ArrayDataset

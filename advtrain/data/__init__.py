@@ -13,7 +13,7 @@ from .augment import (
     random_crop_flip,
 )
 from .batch import Augmentation, Batch
-from .cifar import ArrayDataset, cifar10, cifar100
+from .cifar import ArrayDataset, DatasetNotFoundError, DownloadError, cifar10, cifar100
 from .loader import DeviceLoader, as_tensors
 
 __all__ = [
@@ -22,6 +22,8 @@ __all__ = [
     "ArrayDataset",
     "cifar10",
     "cifar100",
+    "DatasetNotFoundError",
+    "DownloadError",
     "DeviceLoader",
     "as_tensors",
     "random_crop_flip",

@@ -22,8 +22,10 @@ import importlib
 import os
 import pickle
 import shutil
+import http.client
 import tarfile
 import tempfile
+import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
@@ -134,6 +136,27 @@ _SOURCES: Dict[str, _Source] = {
 }
 
 _DOWNLOAD_TIMEOUT_S = 60.0
+# What a failed fetch raises (a refused connection, no DNS, a timeout, an
+# HTTP error status, a dropped connection), as opposed to a local write error.
+_NETWORK_ERRORS = (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException)
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """The release folder of a dataset is not under the given root.
+
+    ``root``: the directory searched; ``folder``: the release folder expected
+    in it (e.g. ``cifar-10-batches-py``); ``url``: where the release is
+    published. The message says how to fetch it from Python
+    (``download=True``); a front end can reword it from these attributes."""
+
+    def __init__(self, message: str, root: str, folder: str, url: str) -> None:
+        super().__init__(message)
+        self.root, self.folder, self.url = root, folder, url
+
+
+class DownloadError(OSError):
+    """Fetching a dataset archive failed (no network, an HTTP error, a
+    timeout). The message names the URL and how to place the release by hand."""
 _CHUNK_BYTES = 1 << 20
 
 
@@ -187,10 +210,11 @@ def _locate(root: PathLike, source: _Source, download: bool, marker: str) -> str
     if download:
         _download(source, root)
         return nested
-    raise FileNotFoundError(
+    raise DatasetNotFoundError(
         f"no {source.folder} folder found at {nested} (nor a {marker} file in {root}); "
         f"pass download=True to fetch {source.url}, or point root at a directory holding "
-        f"the official python-version release unpacked as {source.folder}/"
+        f"the official python-version release unpacked as {source.folder}/",
+        root=root, folder=source.folder, url=source.url,
     )
 
 
@@ -207,13 +231,21 @@ def _download(source: _Source, root: str) -> None:
     try:
         digest = hashlib.md5(usedforsecurity=False)
         with os.fdopen(fd, "wb") as out:
-            with urllib.request.urlopen(source.url, timeout=_DOWNLOAD_TIMEOUT_S) as response:
-                while True:
-                    chunk = response.read(_CHUNK_BYTES)
-                    if not chunk:
-                        break
-                    digest.update(chunk)
-                    out.write(chunk)
+            try:
+                with urllib.request.urlopen(source.url, timeout=_DOWNLOAD_TIMEOUT_S) as response:
+                    while True:
+                        chunk = response.read(_CHUNK_BYTES)
+                        if not chunk:
+                            break
+                        digest.update(chunk)
+                        out.write(chunk)
+            except _NETWORK_ERRORS as exc:
+                reason = getattr(exc, "reason", None) if not isinstance(exc, urllib.error.HTTPError) else None
+                raise DownloadError(
+                    f"cannot download {source.url}: {reason or exc}; without network access, fetch that "
+                    f"archive on another machine and unpack it by hand so that {root}/{source.folder}/ "
+                    f"holds the release (tar xzf {os.path.basename(source.url)} -C {root})"
+                ) from exc
         if digest.hexdigest() != source.md5:
             raise ValueError(
                 f"MD5 mismatch for {source.url}: expected {source.md5}, got {digest.hexdigest()}; "
@@ -373,4 +405,4 @@ def _concat(parts: Sequence[Tuple[Tensor, Tensor]], classes: Sequence[str]) -> A
     return ArrayDataset(images, labels, classes)
 
 
-__all__ = ["ArrayDataset", "cifar10", "cifar100"]
+__all__ = ["ArrayDataset", "DatasetNotFoundError", "DownloadError", "cifar10", "cifar100"]

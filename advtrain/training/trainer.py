@@ -33,6 +33,7 @@ from .callbacks import Callback
 from .checkpoint import CheckpointError, NonFiniteCheckpointError, load_checkpoint, non_finite_entries, save_checkpoint
 from .history import History
 from .output_check import check_model_outputs
+from .run_files import clear_run, describe, existing_run
 from .run_lock import lock_run_dir
 from .schedules import ScheduleLike, make_schedule
 from .validation import pgd10, train_val_split
@@ -145,6 +146,9 @@ class Trainer:
             epoch time so far). ``False`` prints nothing, bars included.
         seed: seed the global RNG and the loader at the start of ``fit`` (in a
             distributed run, process ``r`` seeds its RNG with ``seed + r``).
+            None (the default) leaves the global RNG as it is, so two runs
+            differ unless the caller seeds it; ``advtrain train`` passes
+            ``--seed``, default 0.
         distributed: train data-parallel over the initialized
             ``torch.distributed`` process group (default: whenever one with
             more than one process is initialized, e.g. under ``torchrun``
@@ -600,7 +604,7 @@ class Trainer:
 
     # ------------------------------------------------------------------- loop
     def fit(self, train: Any, eval_data: Any = None, *, resume: Union[bool, str, Path, None] = None,
-            init_weights: Union[str, Path, None] = None) -> History:
+            init_weights: Union[str, Path, None] = None, overwrite: bool = False) -> History:
         """Train for the configured epochs and return the history.
 
         ``train``: a :class:`~advtrain.data.DeviceLoader`, or anything it
@@ -624,13 +628,27 @@ class Trainer:
         :mod:`advtrain.training.run_lock`): another training into it raises
         :class:`~advtrain.training.run_lock.RunLockError`. Once the lock is
         held, temporary files left there by interrupted writes are removed.
+        A fresh run (no ``resume``) into a directory that already holds one
+        (a ``checkpoint.pt``, a non-empty ``metrics.jsonl`` or a
+        ``config.json``) raises ``FileExistsError``, since it would replace
+        that run's checkpoint and metrics; ``overwrite=True`` first removes
+        what a run wrote there (see :mod:`advtrain.training.run_files`).
         """
         if resume and init_weights is not None:  # refused before the lock is taken
             raise ValueError("resume and init_weights exclude each other: resume continues a run from its "
                              "checkpoint, init_weights starts a fresh run from a checkpoint's model weights")
+        if resume and overwrite:
+            raise ValueError("resume and overwrite exclude each other: resume continues the run in run_dir, "
+                             "overwrite removes it and starts a fresh one")
         if self.run_dir is None or not self.is_main:
             return self._fit(train, eval_data, resume, init_weights)
         with lock_run_dir(self.run_dir):
+            if overwrite:
+                clear_run(self.run_dir)
+            elif not resume and existing_run(self.run_dir):
+                raise FileExistsError(f"run directory {self.run_dir} already holds a run "
+                                      f"({describe(existing_run(self.run_dir))}): pass resume=True to continue it, "
+                                      "overwrite=True to replace it, or another run_dir")
             remove_stale_temp_files(self.run_dir)
             return self._fit(train, eval_data, resume, init_weights)
 
