@@ -202,6 +202,9 @@ def _train_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--init-weights", default=None, metavar="CKPT",
                    help="start a fresh run from the model weights of CKPT (a checkpoint file or run directory of "
                         "any method); nothing else is taken from it")
+    p.add_argument("--checkpoint-every-steps", type=positive_int, default=None, metavar="N",
+                   help="also write OUT/checkpoint.pt every N optimizer steps inside an epoch; --resume continues "
+                        "that epoch exactly (default: at epoch ends only)")
     p.add_argument("--eval-every", type=non_negative_int, default=1, metavar="N",
                    help="evaluate every N epochs (0: only at the end; default 1)")
     p.add_argument("--eval-examples", type=positive_int, default=1000, metavar="N",
@@ -242,7 +245,7 @@ def build_trainer(args: argparse.Namespace, num_classes: int) -> Any:
             kwargs[key] = getattr(args, key)
     if args.schedule is not None:
         kwargs["schedule"] = schedule_spec(args.schedule)
-    for key in ("weight_average", "label_smoothing", "val_examples"):
+    for key in ("weight_average", "label_smoothing", "val_examples", "checkpoint_every_steps"):
         if getattr(args, key) is not None:
             kwargs[key] = getattr(args, key)
     if args.keep_best:
@@ -378,6 +381,8 @@ def _train(args: argparse.Namespace, init_weights: Optional[Path]) -> int:
     try:
         history = trainer.fit(train, eval_data=test, resume=bool(args.resume), init_weights=init_weights,
                               overwrite=bool(args.overwrite))
+    except KeyboardInterrupt as exc:  # main() reports what is on disk to resume from
+        raise KeyboardInterrupt(trainer.checkpoint_note()) from exc
     finally:
         shutdown_distributed()
     if not trainer.is_main:
@@ -779,8 +784,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 raise
             print(f"advtrain: error: {_one_line(exc)}", file=sys.stderr)
             return 1
-        except KeyboardInterrupt:
-            print("advtrain: interrupted (the last completed epoch's checkpoint is kept)", file=sys.stderr)
+        except KeyboardInterrupt as exc:
+            print(f"advtrain: interrupted; {exc}" if str(exc) else "advtrain: interrupted", file=sys.stderr)
             return 130
 
 

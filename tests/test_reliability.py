@@ -204,7 +204,7 @@ def test_a_blow_up_on_the_last_step_is_never_saved_and_the_error_names_the_kept_
 
     trainer = tiny_trainer(tmp_path, make_policy("fgsm"), epochs=2, keep_checkpoints=True,
                            callbacks=[At(1, blow_up)])
-    with pytest.raises(FloatingPointError, match=r"stage2\.1\.running_var.*holds epoch 1"):
+    with pytest.raises(FloatingPointError, match=r"stage2\.1\.running_var.*checkpoint of epoch 1 \(step \d+\) kept in .*checkpoint\.pt"):
         trainer.fit(tiny_data())
     state = load_checkpoint(tmp_path / "checkpoint.pt")
     assert state["epoch"] == 1 and all_finite(state)
@@ -217,7 +217,7 @@ def test_finite_but_huge_weights_with_non_finite_logits_are_caught_by_the_loss(t
             trainer.model.linear.weight.fill_(1e37)  # finite, but the logits overflow
 
     trainer = tiny_trainer(tmp_path, epochs=2, callbacks=[At(1, huge, when="start")])
-    with pytest.raises(FloatingPointError, match=r"non-finite in epoch 2 .*holds epoch 1"):
+    with pytest.raises(FloatingPointError, match=r"non-finite in epoch 2 .*checkpoint of epoch 1 \(step \d+\) kept in"):
         trainer.fit(tiny_data())
     assert load_checkpoint(tmp_path / "checkpoint.pt")["epoch"] == 1
 
@@ -233,7 +233,7 @@ def test_divergence_is_noticed_within_the_check_interval_without_progress(tmp_pa
 
     monkeypatch.setattr(Trainer, "train_step", counted)
     trainer = tiny_trainer(tmp_path, batch_size=2, lr=1e20, schedule="constant", momentum=0.0, weight_decay=0.0)
-    with pytest.raises(FloatingPointError, match=rf"by step {every};.*has not written .*checkpoint\.pt yet"):
+    with pytest.raises(FloatingPointError, match=rf"by step {every};.*no checkpoint yet: the first is written at the end of epoch 1"):
         trainer.fit(tiny_data(3 * every * 2))  # 3 × the interval of steps per epoch
     assert len(steps) == every
     assert not (tmp_path / "checkpoint.pt").exists()
@@ -241,7 +241,7 @@ def test_divergence_is_noticed_within_the_check_interval_without_progress(tmp_pa
 
 def test_a_huge_learning_rate_never_leaves_a_checkpoint_with_inf_batchnorm_statistics(tmp_path):
     trainer = tiny_trainer(tmp_path, batch_size=2, lr=1e6, schedule="constant", momentum=0.0, weight_decay=0.0)
-    with pytest.raises(FloatingPointError, match=r"running_var.*has not written .*checkpoint\.pt yet"):
+    with pytest.raises(FloatingPointError, match=r"running_var.*no checkpoint yet: the first is written at the end of epoch 1"):
         trainer.fit(tiny_data())
     assert not (tmp_path / "checkpoint.pt").exists() and temp_files(tmp_path) == []
 

@@ -7,7 +7,7 @@ from .presets import APARTTrainer, ATTATrainer, FastATTrainer, FGSMTrainer, NFGS
 from .run_lock import RunLockError
 from .schedules import (CosineSchedule, MultiStep, Piecewise, Schedule, cyclic_momentum, multistep, one_cycle,
                         one_cycle_momentum, triangular)
-from .trainer import Trainer, pgd20
+from .trainer import CheckpointInfo, Trainer, pgd20
 from .validation import pgd10, train_val_split
 from .weight_average import WeightAverage, evaluation_weights
 
@@ -15,6 +15,6 @@ __all__ = [
     "AtomicWriteError", "Callback", "LambdaCallback", "CheckpointError", "NonFiniteCheckpointError", "RunLockError",
     "load_checkpoint", "save_checkpoint", "History",
     "APARTTrainer", "ATTATrainer", "FastATTrainer", "FGSMTrainer", "NFGSMTrainer", "PGDTrainer", "Piecewise", "Schedule", "cyclic_momentum",
-    "multistep", "triangular", "CosineSchedule", "MultiStep", "one_cycle", "one_cycle_momentum", "Trainer", "pgd20",
+    "multistep", "triangular", "CosineSchedule", "MultiStep", "one_cycle", "one_cycle_momentum", "Trainer", "CheckpointInfo", "pgd20",
     "WeightAverage", "evaluation_weights", "pgd10", "train_val_split",
 ]

@@ -133,6 +133,10 @@ class Trainer:
         run_dir: directory for ``metrics.jsonl`` and checkpoints.
         checkpoint_every: write a checkpoint every this many epochs (and after
             the last).
+        checkpoint_every_steps: also write it every this many optimizer
+            steps (counted over the run, :attr:`global_step`) inside an epoch,
+            with the epoch's position and running sums, so that a resumed run
+            continues that epoch where it stopped (default: only at epoch ends).
         keep_checkpoints: also keep ``checkpoint_epochNNN.pt`` per checkpoint.
         callbacks: :class:`Callback` objects.
         progress: show a live progress bar per epoch (stderr; see
@@ -185,6 +189,7 @@ class Trainer:
         val_attack: Optional[Attack] = pgd10(),
         run_dir: Union[str, Path, None] = None,
         checkpoint_every: int = 1,
+        checkpoint_every_steps: Optional[int] = None,
         keep_checkpoints: bool = False,
         callbacks: Sequence[Callback] = (),
         progress: bool = True,
@@ -211,6 +216,8 @@ class Trainer:
         self.pad_fill = check_fill(pad_fill, "pad_fill")
         self.eval_every = check_positive_int(eval_every, "eval_every", minimum=0)
         self.checkpoint_every = check_positive_int(checkpoint_every, "checkpoint_every")
+        self.checkpoint_every_steps = (None if checkpoint_every_steps is None
+                                       else check_positive_int(checkpoint_every_steps, "checkpoint_every_steps"))
         self.eval_batch_size = check_positive_int(eval_batch_size, "eval_batch_size")
         if eval_examples is not None:
             check_positive_int(eval_examples, "eval_examples")
@@ -285,7 +292,11 @@ class Trainer:
         self.global_step = 0
         self.stop_training = False
         self.loader: Optional[DeviceLoader] = None
-        self._checkpoint_epoch: Optional[int] = None  # epoch held by run_dir/checkpoint.pt, written by this run
+        self._last_checkpoint: Optional[CheckpointInfo] = None
+        # The running sums of the epoch in progress while a mid-epoch checkpoint
+        # is written, and those a resumed mid-epoch checkpoint hands to the epoch loop.
+        self._epoch_progress: Optional[Dict[str, Any]] = None
+        self._resumed_progress: Optional[Dict[str, Any]] = None
 
     # ------------------------------------------------------------------ setup
     @property
@@ -369,6 +380,8 @@ class Trainer:
             state["loader"] = self.loader.state_dict()
         if self.weight_average is not None:
             state["weight_average"] = self.weight_average.state_dict()
+        if self._epoch_progress is not None:
+            state["epoch_progress"] = self._epoch_progress
         state["eval_weights"] = "averaged" if self.weight_average is not None else "raw"
         return state
 
@@ -411,6 +424,7 @@ class Trainer:
         self.history.rewrite()
         self.epoch = int(state["epoch"])
         self.global_step = int(state["global_step"])
+        self._resumed_progress = state.get("epoch_progress")
         torch.set_rng_state(state["rng"]["torch"])
         if "cuda" in state["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
@@ -481,8 +495,10 @@ class Trainer:
                 if flag.item() > 0:
                     raise NonFiniteCheckpointError(f"refused to write checkpoint {path}: non-finite values in "
                                                    f"{', '.join(bad) if bad else 'another rank'}", bad)
-                save_checkpoint(_rank_path(path, self.rank), {"policy": state.pop("policy"), "rng": state["rng"],
-                                                              "world_size": self.world_size})
+                part = {"policy": state.pop("policy"), "rng": state["rng"], "world_size": self.world_size}
+                if "epoch_progress" in state:  # each rank's own running sums
+                    part["epoch_progress"] = state["epoch_progress"]
+                save_checkpoint(_rank_path(path, self.rank), part)
                 if self.is_main:
                     save_checkpoint(path, state)
                 dist_utils.barrier()
@@ -490,19 +506,35 @@ class Trainer:
                 save_checkpoint(path, state)
         except NonFiniteCheckpointError as exc:
             raise FloatingPointError(f"training diverged by epoch {self.epoch}: {exc}; lower the learning rate or "
-                                     f"check the data; {self._last_checkpoint_note()}") from exc
+                                     f"check the data; {self.checkpoint_note()}") from exc
         if main_path is not None and path == main_path:
-            self._checkpoint_epoch = self.epoch
+            batch = self._epoch_progress["batch"] if self._epoch_progress is not None else None
+            self._last_checkpoint = CheckpointInfo(path, self.epoch, self.global_step, batch)
         return path
 
-    def _last_checkpoint_note(self) -> str:
-        """Which epoch the run's checkpoint file holds, for error messages."""
+    @property
+    def last_checkpoint(self) -> Optional["CheckpointInfo"]:
+        """What ``run_dir/checkpoint.pt`` holds, as this run last wrote or
+        resumed it; None before the first."""
+        return self._last_checkpoint
+
+    def checkpoint_note(self) -> str:
+        """What is on disk to resume from, in words (for error and interrupt
+        messages): the checkpoint's epoch, step and file, or when the first
+        will be written."""
         if self.run_dir is None:
             return "no checkpoint is kept (the Trainer has no run_dir)"
-        path = self.run_dir / CHECKPOINT_NAME
-        if self._checkpoint_epoch is None:
-            return f"this run has not written {path} yet"
-        return f"the last finite checkpoint, {path}, holds epoch {self._checkpoint_epoch}"
+        info = self._last_checkpoint
+        if info is None:
+            every = self.checkpoint_every
+            note = f"no checkpoint yet: the first is written at the end of epoch {min(every, self.epochs)}"
+            if self.checkpoint_every_steps is not None:
+                note += f" (or at step {self.checkpoint_every_steps:,}, whichever comes first)"
+            return note
+        if info.batch is None:
+            return f"checkpoint of epoch {info.epoch} (step {info.step:,}) kept in {info.path}"
+        return (f"checkpoint of step {info.step:,} (batch {info.batch} of epoch {info.epoch + 1}) "
+                f"kept in {info.path}")
 
     def _resume(self, resume: Union[bool, str, Path]) -> None:
         if resume is True:
@@ -520,6 +552,8 @@ class Trainer:
                 raise CheckpointError(f"{path} was written by {part['world_size']} processes; "
                                       f"resume it with the same number, not {self.world_size}")
             state["policy"], state["rng"] = part["policy"], part["rng"]
+            if "epoch_progress" in part:
+                state["epoch_progress"] = part["epoch_progress"]
         saved = state.get("config", {})
         diffs = {k: (saved[k], v) for k, v in self.config().items() if k in saved and saved[k] != v}
         try:
@@ -531,7 +565,9 @@ class Trainer:
             warnings.warn(f"resuming {path} with settings that differ from the checkpoint's (saved, now): {diffs}",
                           stacklevel=4)
         if self.run_dir is not None and path == self.run_dir / CHECKPOINT_NAME:
-            self._checkpoint_epoch = self.epoch
+            progress = self._resumed_progress
+            self._last_checkpoint = CheckpointInfo(path, self.epoch, self.global_step,
+                                                   progress["batch"] if progress is not None else None)
 
     def _startup_line(self, resumed: bool) -> str:
         """What :meth:`fit` is about to run, in one line."""
@@ -667,7 +703,8 @@ class Trainer:
         if resume and init_weights is not None:
             raise ValueError("resume and init_weights exclude each other: resume continues a run from its "
                              "checkpoint, init_weights starts a fresh run from a checkpoint's model weights")
-        self._checkpoint_epoch = None
+        self._last_checkpoint = None
+        self._resumed_progress = None
         if self.seed is not None:
             torch.manual_seed(self.seed + self.rank)
         self.loader = loader = self._make_loader(self._hold_out_validation(train))
@@ -796,7 +833,7 @@ class Trainer:
         if not math.isfinite(loss):
             raise FloatingPointError(
                 f"training loss became non-finite in epoch {epoch + 1} by step {step}; lower the learning rate "
-                f"or check the data; {self._last_checkpoint_note()}")
+                f"or check the data; {self.checkpoint_note()}")
 
     def _loss_sum_everywhere(self, loss_sum: Tensor) -> float:
         """The epoch's loss sum so far, summed over ranks: one host sync."""
@@ -806,17 +843,24 @@ class Trainer:
 
     def _train_epoch(self, loader: DeviceLoader, epoch: int) -> Dict[str, Any]:
         steps = len(loader)
-        loader.set_epoch(epoch)
-        self.policy.start_epoch(epoch)
+        resumed, self._resumed_progress = self._resumed_progress, None
+        if resumed is None:
+            loader.set_epoch(epoch)
+            self.policy.start_epoch(epoch)
+            loss_sum = torch.zeros((), device=self.device)
+            correct = torch.zeros((), device=self.device, dtype=torch.long)
+            seen, first, before = 0, 0, 0.0
+        else:  # a mid-epoch checkpoint: the loader and the policy are where it left them
+            loss_sum = resumed["loss_sum"].to(self.device)
+            correct = resumed["correct"].to(self.device)
+            seen, first, before = int(resumed["seen"]), int(resumed["batch"]), float(resumed["time"])
         bar = progress_bar(steps, f"epoch {epoch + 1}/{self.epochs}", enabled=self.progress)
-        loss_sum = torch.zeros((), device=self.device)
-        correct = torch.zeros((), device=self.device, dtype=torch.long)
-        seen = 0
         log_every = max(1, steps // 20)
         start = time.perf_counter()
         lr = 0.0
         replays = self.replays
-        for i, batch in enumerate(loader):
+        every = self.checkpoint_every_steps if self.run_dir is not None else None
+        for i, batch in enumerate(loader, start=first):
             for r in range(replays):  # one pass for every method but Free-AT
                 lr = self._set_hyperparameters(epoch + (i * replays + r) / (steps * replays))
                 loss, n_correct = self.train_step(batch)
@@ -834,9 +878,19 @@ class Trainer:
                 bar.set_postfix({"loss": f"{mean_loss:.4g}", "acc": f"{float(correct) / seen:.4g}", "lr": f"{lr:.4g}"},
                                 refresh=False)
                 bar.update(i + 1 - bar.n)
+            # Not after the epoch's last batch: the epoch-end checkpoint follows.
+            if (every is not None and i + 1 < steps
+                    and self.global_step // every > (self.global_step - replays) // every):
+                self._epoch_progress = {"batch": i + 1, "loss_sum": loss_sum.detach().clone(),
+                                        "correct": correct.clone(), "seen": seen,
+                                        "time": before + time.perf_counter() - start}
+                try:
+                    self.save_checkpoint()
+                finally:
+                    self._epoch_progress = None
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        elapsed = time.perf_counter() - start
+        elapsed = before + time.perf_counter() - start
         bar.close()
         totals = torch.stack([loss_sum, correct.to(loss_sum.dtype), torch.tensor(float(seen), device=self.device)])
         if self.distributed:
@@ -855,6 +909,18 @@ class Trainer:
         }
         record.update(self.policy.metrics())
         return record
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointInfo:
+    """What a written checkpoint holds: its file, the completed epochs, the
+    optimizer steps (:attr:`Trainer.global_step`), and for a mid-epoch
+    checkpoint the batches done of epoch ``epoch + 1`` (None at an epoch end)."""
+
+    path: Path
+    epoch: int
+    step: int
+    batch: Optional[int] = None
 
 
 def _rank_path(path: Path, rank: int) -> Path:
@@ -894,4 +960,4 @@ def _clock(seconds: float) -> str:
     return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}"
 
 
-__all__ = ["Trainer", "pgd20"]
+__all__ = ["Trainer", "CheckpointInfo", "pgd20"]
