@@ -496,8 +496,9 @@ class Trainer:
                     raise NonFiniteCheckpointError(f"refused to write checkpoint {path}: non-finite values in "
                                                    f"{', '.join(bad) if bad else 'another rank'}", bad)
                 part = {"policy": state.pop("policy"), "rng": state["rng"], "world_size": self.world_size}
-                if "epoch_progress" in state:  # each rank's own running sums
-                    part["epoch_progress"] = state["epoch_progress"]
+                for key in ("loader", "epoch_progress"):  # each rank's own shard position and running sums
+                    if key in state:
+                        part[key] = state[key]
                 save_checkpoint(_rank_path(path, self.rank), part)
                 if self.is_main:
                     save_checkpoint(path, state)
@@ -552,8 +553,9 @@ class Trainer:
                 raise CheckpointError(f"{path} was written by {part['world_size']} processes; "
                                       f"resume it with the same number, not {self.world_size}")
             state["policy"], state["rng"] = part["policy"], part["rng"]
-            if "epoch_progress" in part:
-                state["epoch_progress"] = part["epoch_progress"]
+            for key in ("loader", "epoch_progress"):
+                if key in part:
+                    state[key] = part[key]
         saved = state.get("config", {})
         diffs = {k: (saved[k], v) for k, v in self.config().items() if k in saved and saved[k] != v}
         try:
