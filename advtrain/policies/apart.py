@@ -149,8 +149,8 @@ class APARTPolicy(PerturbationPolicy):
         if self.lr_rule == "reference" and total_steps < REFERENCE_STEPS / 4 and not self._warned_short:
             self._warned_short = True
             warnings.warn(f"APART's step-size learning rate lr={self.lr:g} is tuned for {REFERENCE_STEPS} "
-                          f"optimizer steps; this run has {total_steps}, so its step sizes stay near their "
-                          f"initial values; use lr_rule='scaled' (--step-lr-rule scaled) to scale lr to the "
+                          f"optimizer steps; this run has {total_steps}, so its learned step sizes grow only a "
+                          f"little; use lr_rule='scaled' (--step-lr-rule scaled) to scale lr to the "
                           f"run's length", UserWarning, stacklevel=2)
         self.model = model  # the plain model: its sites are the ones perturbed
         if self.layerwise:
