@@ -4,6 +4,8 @@ messages that say what checkpoint is on disk (Trainer and CLI)."""
 from __future__ import annotations
 
 import math
+import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -205,3 +207,19 @@ def test_cli_checkpoint_every_steps_writes_mid_epoch_and_resumes(data_dir, tmp_p
     rc = cli.main(["train", "--out", str(out), "--resume"])
     assert rc == 0, capsys.readouterr().err
     assert load_checkpoint(out / "checkpoint.pt")["global_step"] == 4
+
+
+@pytest.mark.slow
+def test_two_processes_resume_a_mid_epoch_checkpoint_exactly(tmp_path):
+    from test_distributed import launch
+
+    here = Path(__file__).parent
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(here.parent))
+    launch([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+            str(here / "_midepoch_worker.py"), str(tmp_path)], env)
+    for r in range(2):
+        out = torch.load(tmp_path / f"rank{r}.pt", weights_only=True)
+        assert out["note"].startswith("checkpoint of step 3 (batch 3 of epoch 1)")
+        assert without_times(out["records"][0]) == without_times(out["records"][1])
+        assert_same_tensors(out["models"][0], out["models"][1], f"rank {r} model")
+        assert torch.equal(out["stores"][0], out["stores"][1])
