@@ -874,7 +874,7 @@ class Trainer:
             # cross-entropy is >= 0, so the sum is finite while every loss is.
             if (i + 1) % FINITE_CHECK_STEPS == 0:
                 self._check_finite(self._loss_sum_everywhere(loss_sum), epoch, i + 1)
-            if self.progress and (i == 0 or (i + 1) % log_every == 0 or i + 1 == steps):
+            if self.progress and (i == first or (i + 1) % log_every == 0 or i + 1 == steps):
                 mean_loss = float(loss_sum) / seen  # a host sync for the progress bar
                 self._check_finite(mean_loss, epoch, i + 1)
                 bar.set_postfix({"loss": f"{mean_loss:.4g}", "acc": f"{float(correct) / seen:.4g}", "lr": f"{lr:.4g}"},
