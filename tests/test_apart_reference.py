@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 from typing import Dict, List
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -37,6 +38,10 @@ from advtrain.data import Batch, random_augmentation
 from advtrain.models import PreActResNet18
 from advtrain.policies import PolicyContext
 from advtrain.training import APARTTrainer
+
+# These tests run APART for a few steps on purpose, with the reference
+# step-size schedule: its short-run warning is expected here.
+pytestmark = pytest.mark.filterwarnings("ignore:APART's step-size learning rate .* is tuned for")
 
 EPS = 0.031  # the reference's training ε
 LR, WEIGHT_DECAY = 0.2, 2e-4  # the reference's model optimizer: peak LR and decay

@@ -19,6 +19,10 @@ from advtrain.training import CheckpointInfo, load_checkpoint
 
 from _tiny_cifar import write_tiny_cifar10
 
+# These tests run APART for a few steps on purpose, with the reference
+# step-size schedule: its short-run warning is expected here.
+pytestmark = pytest.mark.filterwarnings("ignore:APART's step-size learning rate .* is tuned for")
+
 EPS = 8 / 255
 STEPS_PER_EPOCH = 4  # 64 examples in batches of 16
 

@@ -27,6 +27,10 @@ from advtrain.policies import APARTPolicy, ATTAPolicy, AttackPolicy, PerExampleS
 from advtrain.policies.store import resolve_store_dtype
 from advtrain.training import APARTTrainer, ATTATrainer, LambdaCallback, Trainer
 
+# These tests run APART for a few steps on purpose, with the reference
+# step-size schedule: its short-run warning is expected here.
+pytestmark = pytest.mark.filterwarnings("ignore:APART's step-size learning rate .* is tuned for")
+
 EPS = 8 / 255
 SHAPE = (3, 8, 8)  # tiny images keep every non-real-data test fast
 PAD = 2

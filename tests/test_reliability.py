@@ -32,6 +32,10 @@ from advtrain.training.atomic import TEMP_NAME
 from advtrain.training.checkpoint import FORMAT
 from advtrain.training.run_lock import LOCK_NAME, RunLock, lock_run_dir
 
+# These tests run APART for a few steps on purpose, with the reference
+# step-size schedule: its short-run warning is expected here.
+pytestmark = pytest.mark.filterwarnings("ignore:APART's step-size learning rate .* is tuned for")
+
 RUN_LOCK_FILE = Path(run_lock.__file__)
 
 

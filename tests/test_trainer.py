@@ -20,6 +20,10 @@ from advtrain.training import Callback, CheckpointError, History, load_checkpoin
 from advtrain.training.output_check import check_model_outputs
 from advtrain.training.schedules import cyclic_momentum, make_schedule, multistep
 
+# These tests run APART for a few steps on purpose, with the reference
+# step-size schedule: its short-run warning is expected here.
+pytestmark = pytest.mark.filterwarnings("ignore:APART's step-size learning rate .* is tuned for")
+
 
 def synthetic(n: int = 96, seed: int = 0):
     """Images whose class is readable from the mean brightness of a channel."""
