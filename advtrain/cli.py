@@ -25,7 +25,7 @@ import sys
 import warnings
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Dict, List, NoReturn, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence, Tuple
 
 from .cli_errors import device_problem, os_error_line, runtime_error_line
 from .cli_methods import add_method_arguments, method_kwargs
@@ -91,48 +91,37 @@ def parse_eps(text: str) -> float:
     return value
 
 
+def _number(text: str, kind: Callable[[str], Any], ok: Callable[[Any], bool], requirement: str) -> Any:
+    """``text`` read as ``kind`` (int or float), refused unless ``ok``: the
+    argparse error says ``requirement``."""
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not {'an integer' if kind is int else 'a number'}: {text!r}") from None
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"{requirement}, got {text}")
+    return value
+
+
 def positive_int(text: str) -> int:
     """Parse an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
-    return value
+    return _number(text, int, lambda v: v >= 1, "must be >= 1")
 
 
 def non_negative_int(text: str) -> int:
     """Parse an integer >= 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
+    return _number(text, int, lambda v: v >= 0, "must be >= 0")
 
 
 def parse_tau(text: str) -> float:
     """Parse a weight-average decay τ in (0, 1), e.g. ``0.9995``."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"must lie in (0, 1) (the decay per step, e.g. 0.9995), got {text}")
-    return value
+    return _number(text, float, lambda v: 0 < v < 1, "must lie in (0, 1) (the decay per step, e.g. 0.9995)")
 
 
 def parse_smoothing(text: str) -> float:
     """Parse a label smoothing in [0, 1)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"must lie in [0, 1), got {text}")
-    return value
+    return _number(text, float, lambda v: 0 <= v < 1, "must lie in [0, 1)")
 
 
 def schedule_spec(text: str) -> ScheduleLike:
