@@ -18,7 +18,6 @@ from advtrain.data import DeviceLoader
 from advtrain.diagnostics import RobustnessDropMonitor
 from advtrain.methods import METHODS
 from advtrain.models import SmallCNN
-from advtrain.policies.attack_policy import CleanPolicy
 from advtrain.training import (Callback, CheckpointError, LambdaCallback, WeightAverage, evaluation_weights,
                                load_checkpoint, train_val_split)
 
