@@ -137,6 +137,16 @@ def looks_like_probabilities(outputs: Tensor, tolerance: float = 1e-3) -> Tensor
     return rows_ok.all()
 
 
+def check_weight(value: object, name: str) -> float:
+    """Check a loss weight (TRADES's β, MART's and GradAlign's λ): a finite
+    real number >= 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
 def check_positive_int(value: object, name: str, minimum: int = 1) -> int:
     """Check that ``value`` is an integer >= ``minimum``."""
     if isinstance(value, bool) or not isinstance(value, int):

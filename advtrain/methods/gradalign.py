@@ -7,19 +7,19 @@ Images are pixels in [0, 1]; ε is in pixel units.
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, Dict, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._validation import check_eps
+from .._validation import check_eps, check_weight
 from ..data.batch import Batch
 from ..policies.base import LossContext, Perturbation, PerturbationPolicy, TrainingLoss
 from ..training.schedules import triangular
 from ..training.trainer import Trainer
 from ..utils.modes import model_mode
+from ..utils.precision import at_least_float32
 
 EPS = 8 / 255
 
@@ -46,18 +46,6 @@ def default_lambda(eps: float) -> float:
     return 0.02 * 10.0 ** (level / 8.0)
 
 
-def _check_weight(value: object, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    if not (math.isfinite(value) and value >= 0):
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    return float(value)
-
-
-def _widened(logits: Tensor) -> Tensor:
-    return logits.to(torch.promote_types(logits.dtype, torch.float32))
-
-
 def gradient_misalignment(forward: Callable[[Tensor], Tensor], x: Tensor, y: Tensor, reference: Tensor) -> Tensor:
     """GradAlign's regularizer before its weight λ: ``1 − mean_i cos(r_i, g_i)``.
 
@@ -73,7 +61,7 @@ def gradient_misalignment(forward: Callable[[Tensor], Tensor], x: Tensor, y: Ten
     if reference.shape != x.shape:
         raise ValueError(f"reference must have the shape of x {tuple(x.shape)}, got {tuple(reference.shape)}")
     leaf = x.detach().requires_grad_(True)
-    loss = F.cross_entropy(_widened(forward(leaf)), y, reduction="sum")
+    loss = F.cross_entropy(at_least_float32(forward(leaf)), y, reduction="sum")
     (grad,) = torch.autograd.grad(loss, leaf, create_graph=True)
     dtype = torch.promote_types(grad.dtype, torch.float32)
     g, r = grad.flatten(1).to(dtype), reference.detach().flatten(1).to(dtype)
@@ -113,13 +101,13 @@ class GradAlignPolicy(PerturbationPolicy):
 
     def __init__(self, eps: float = EPS, *, lam: Optional[float] = None) -> None:
         self.eps = float(check_eps(eps, "linf", "eps"))
-        self.lam = default_lambda(self.eps) if lam is None else _check_weight(lam, "lam")
+        self.lam = default_lambda(self.eps) if lam is None else check_weight(lam, "lam")
 
     def perturb(self, model: nn.Module, batch: Batch) -> Perturbation:
         x, y = batch.x, batch.y
         leaf = x.detach().requires_grad_(True)
         with model_mode(model, "train"), torch.enable_grad():
-            loss = F.cross_entropy(_widened(model(leaf)), y, reduction="sum")
+            loss = F.cross_entropy(at_least_float32(model(leaf)), y, reduction="sum")
             (clean_grad,) = torch.autograd.grad(loss, leaf)
         x_adv = torch.clamp(x + self.eps * clean_grad.sign(), 0.0, 1.0)
         noisy = torch.clamp(x + torch.empty_like(x).uniform_(-self.eps, self.eps), 0.0, 1.0)

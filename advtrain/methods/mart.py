@@ -14,12 +14,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._validation import check_eps, check_positive_int, check_radius
+from .._validation import check_eps, check_positive_int, check_radius, check_weight
 from ..attacks.pgd import PGD
 from ..data.batch import Batch
 from ..policies.base import LossContext, Perturbation, PerturbationPolicy, TrainingLoss
 from ..training.trainer import Trainer
-from .trades import EPS, check_weight, kl_from_clean, perturb_from_normal_start, widened
+from ..utils.precision import at_least_float32
+from .trades import EPS, kl_from_clean, perturb_from_normal_start
 
 
 def log_one_minus_top_other(logits: Tensor, y: Tensor) -> Tensor:
@@ -29,7 +30,7 @@ def log_one_minus_top_other(logits: Tensor, y: Tensor) -> Tensor:
     Computed as the log-sum-exp of the log-probabilities of every class but
     the top other one, so it stays finite where that class's probability
     rounds to 1."""
-    log_p = F.log_softmax(widened(logits), dim=1)
+    log_p = F.log_softmax(at_least_float32(logits), dim=1)
     idx = y.long().unsqueeze(1)
     top_other = log_p.scatter(1, idx, float("-inf")).argmax(dim=1, keepdim=True)
     return torch.logsumexp(log_p.scatter(1, top_other, float("-inf")), dim=1)
@@ -73,7 +74,7 @@ class MARTPolicy(PerturbationPolicy):
         adv = context.forward(perturbation.x)
         y = batch.y
         boosted = context.cross_entropy(adv, y) - log_one_minus_top_other(adv, y).mean()
-        clean_log_probs = F.log_softmax(widened(clean), dim=1)
+        clean_log_probs = F.log_softmax(at_least_float32(clean), dim=1)
         # 1 − p_y from log p_y without cancellation where p_y is near 1
         weight = -torch.expm1(clean_log_probs.gather(1, y.long().unsqueeze(1)).squeeze(1))
         robust = (kl_from_clean(adv, clean_log_probs) * weight).mean()

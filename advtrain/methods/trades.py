@@ -7,40 +7,25 @@ Images are pixels in [0, 1]; ε and step sizes are in pixel units.
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._validation import check_eps, check_positive_int, check_radius
+from .._validation import check_eps, check_positive_int, check_radius, check_weight
 from ..attacks.pgd import PGD
 from ..data.batch import Batch
 from ..policies.base import LossContext, Perturbation, PerturbationPolicy, TrainingLoss
 from ..training.trainer import Trainer
 from ..utils.modes import model_mode
+from ..utils.precision import at_least_float32
 
 EPS = 8 / 255
 
 #: Standard deviation (pixel units) of the Gaussian start of the TRADES and
 #: MART reference attacks: ``x + 0.001·N(0, 1)``.
 START_STD = 0.001
-
-
-def check_weight(value: object, name: str) -> float:
-    """A loss weight (β, λ): a finite real number >= 0."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    if not (math.isfinite(value) and value >= 0):
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    return float(value)
-
-
-def widened(logits: Tensor) -> Tensor:
-    """``logits`` in at least float32 (bf16 widened, float64 kept): the
-    objectives' softmaxes and logarithms are computed in it."""
-    return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
 
 def kl_from_clean(logits: Tensor, clean_log_probs: Tensor) -> Tensor:
@@ -55,7 +40,7 @@ def kl_from_clean(logits: Tensor, clean_log_probs: Tensor) -> Tensor:
         raise ValueError("kl_from_clean compares two predictions: clean_log_probs must have the logits' shape "
                          f"{tuple(logits.shape)} (the clean log-probabilities, not labels), "
                          f"got {tuple(clean_log_probs.shape)}")
-    log_q = F.log_softmax(widened(logits), dim=1)
+    log_q = F.log_softmax(at_least_float32(logits), dim=1)
     return F.kl_div(log_q, clean_log_probs.to(log_q.dtype), reduction="none", log_target=True).sum(dim=1)
 
 
@@ -100,13 +85,13 @@ class TRADESPolicy(PerturbationPolicy):
 
     def perturb(self, model: nn.Module, batch: Batch) -> Perturbation:
         with model_mode(model, "eval"), torch.no_grad():
-            clean_log_probs = F.log_softmax(widened(model(batch.x)), dim=1)
+            clean_log_probs = F.log_softmax(at_least_float32(model(batch.x)), dim=1)
         return Perturbation(x=perturb_from_normal_start(self.attack, model, batch.x, clean_log_probs))
 
     def loss(self, context: LossContext, batch: Batch, perturbation: Perturbation) -> TrainingLoss:
         clean = context.forward(batch.x)
         adv = context.forward(perturbation.x)
-        robust = kl_from_clean(adv, F.log_softmax(widened(clean), dim=1)).mean()
+        robust = kl_from_clean(adv, F.log_softmax(at_least_float32(clean), dim=1)).mean()
         return TrainingLoss(context.cross_entropy(clean, batch.y) + self.beta * robust, adv)
 
     def __repr__(self) -> str:

@@ -14,7 +14,7 @@ from .._validation import check_eps, check_radius
 from ..data.batch import Batch
 from ..models.sites import ScaledDirection, attach_sites, capture_sites, find_sites, perturb_sites
 from ..utils.modes import model_mode
-from ..utils.precision import active_autocast_dtype
+from ..utils.precision import active_autocast_dtype, at_least_float32
 from .base import Perturbation, PerturbationPolicy, PolicyContext
 from .store import PerExampleStore, resolve_store_dtype
 
@@ -227,7 +227,7 @@ class APARTPolicy(PerturbationPolicy):
                   for shape, dtype in zip(self.site_shapes, self._activation_dtypes(x))]
         with model_mode(model, "train"), perturb_sites(self.model, dict(zip(self.site_names, probes))):
             logits = model(x0_leaf)
-            loss1 = F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), y)
+            loss1 = F.cross_entropy(at_least_float32(logits), y)
         grads = torch.autograd.grad(loss1, [x0_leaf] + probes)
         delta = torch.clamp(delta0 + self.alpha * grads[0].sign(), -self.eps, self.eps)
         x1 = torch.clamp(x + delta, 0.0, 1.0)

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from ..data.batch import Batch
 from ..models.sites import SiteDelta
+from ..utils.precision import at_least_float32
 
 
 @dataclass(frozen=True)
@@ -75,8 +76,7 @@ class LossContext:
         """Cross-entropy of ``logits`` against class indices ``y`` with the
         run's label smoothing, computed in at least float32 (bf16 logits are
         widened, float64 ones kept)."""
-        wide = logits.to(torch.promote_types(logits.dtype, torch.float32))
-        return F.cross_entropy(wide, y, reduction=reduction, label_smoothing=self.label_smoothing)
+        return F.cross_entropy(at_least_float32(logits), y, reduction=reduction, label_smoothing=self.label_smoothing)
 
 
 @dataclass

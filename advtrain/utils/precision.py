@@ -34,3 +34,10 @@ def mixed_precision(device: Union[str, torch.device], dtype: Optional[torch.dtyp
 
 
 __all__ = ["active_autocast_dtype", "mixed_precision"]
+
+
+def at_least_float32(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in at least float32: bf16/fp16 widened, float32 and float64 kept.
+    Losses, softmaxes and logarithms of logits are computed in it."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
