@@ -542,6 +542,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
     from .training import evaluation_weights
     from .utils.devices import default_device
+    from .utils.precision import precision_dtype
 
     model, name, state, run_config = load_model(args.checkpoint, args.model, args.weights)
     weights = evaluation_weights(state, args.weights)[1]
@@ -555,17 +556,17 @@ def run_eval(args: argparse.Namespace) -> int:
         raise CLIError(f"the checkpoint's model has {num_classes} classes but {dataset} has {len(test.classes)}; "
                        "pass the right --dataset")
     device = torch.device(args.device) if args.device else default_device()
-    bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
+    autocast_dtype = precision_dtype(args.precision, device)
     model.to(device)
     with warnings.catch_warnings():
         # the printed report lists every masking finding with its explanation
         warnings.simplefilter("ignore", GradientMaskingWarning)
         report = evaluate(model, test, attacks=args.suite, eps=args.eps, batch_size=args.batch_size,
                           n_examples=args.n_examples, device=device, progress=not args.no_progress,
-                          autocast_dtype=torch.bfloat16 if bf16 else None,
+                          autocast_dtype=autocast_dtype,
                           masking_checks=not args.no_masking_checks)
     result = {"checkpoint": str(args.checkpoint), "model": name, "dataset": dataset, "epoch": state.get("epoch"),
-              "weights": weights, "suite": args.suite, "precision": "bf16" if bf16 else "fp32", **report.to_dict()}
+              "weights": weights, "suite": args.suite, "precision": "fp32" if autocast_dtype is None else "bf16", **report.to_dict()}
     print(f"{name} ({weights} weights) from {args.checkpoint} (epoch {state.get('epoch')}), {dataset} test split, "
           f"suite {args.suite}")
     print(report)

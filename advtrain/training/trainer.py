@@ -26,7 +26,7 @@ from ..policies.attack_policy import CleanPolicy
 from ..policies.base import LossContext, PerturbationPolicy, PolicyContext
 from ..utils.batches import batched_correctness
 from ..utils.devices import default_device
-from ..utils.precision import mixed_precision
+from ..utils.precision import mixed_precision, precision_dtype
 from ..utils.progress import progress_bar
 from .atomic import remove_stale_temp_files
 from .callbacks import Callback
@@ -302,9 +302,7 @@ class Trainer:
     @property
     def autocast_dtype(self) -> Optional[torch.dtype]:
         """The autocast dtype of forward passes, or None for plain fp32."""
-        if self.precision == "bf16" or (self.precision == "auto" and self.device.type == "cuda"):
-            return torch.bfloat16
-        return None
+        return precision_dtype(self.precision, self.device)
 
     def _autocast(self) -> ContextManager[None]:
         """Autocast with :attr:`autocast_dtype` on the trainer's device, or full precision."""

@@ -14,14 +14,14 @@ from .batches import Perturb, batched_correctness, device_batches
 from .devices import DeviceLike, default_device, model_device, resolve_device
 from .modes import BN_MODES, BNMode, model_mode
 from .pixels import to_pixels
-from .precision import active_autocast_dtype, at_least_float32, mixed_precision
+from .precision import active_autocast_dtype, at_least_float32, mixed_precision, precision_dtype
 from .progress import progress_bar
 
 __all__ = [
     "model_mode", "BNMode", "BN_MODES",
     "default_device", "model_device", "resolve_device", "DeviceLike",
     "to_pixels",
-    "mixed_precision", "active_autocast_dtype", "at_least_float32",
+    "mixed_precision", "active_autocast_dtype", "at_least_float32", "precision_dtype",
     "device_batches", "batched_correctness", "Perturb",
     "progress_bar",
 ]

@@ -41,3 +41,12 @@ def at_least_float32(t: torch.Tensor) -> torch.Tensor:
     Losses, softmaxes and logarithms of logits are computed in it."""
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
+
+def precision_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype a ``precision`` setting (``"auto"``, ``"fp32"``,
+    ``"bf16"``) means on ``device``: bf16 for ``"bf16"``, and for ``"auto"``
+    on CUDA; ``None`` (full precision) otherwise."""
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
