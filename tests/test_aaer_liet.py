@@ -114,7 +114,8 @@ def test_aaer_loss_is_the_papers_formula_by_hand(trainer):
     normal = [i for i in range(len(y)) if i not in abnormal]
     assert abnormal and normal, "the batch should hold both kinds of example"
     assert abnormal_mask(pert.extras["loss"], l_after).tolist() == [i in abnormal for i in range(len(y))]
-    ce_a = sum(l_before[i].detach() - l_after[i] for i in abnormal) / len(abnormal)
+    # the loss drop is a constant: both reference codes take it from detached losses
+    ce_a = sum(l_before[i] - l_after[i] for i in abnormal).detach() / len(abnormal)
     v_a = sum(((z_before[i].detach() - z_after[i]) ** 2).sum() for i in abnormal) / len(abnormal)
     v_n = sum(((z_before[i] - z_after[i]) ** 2).sum() for i in normal).detach() / len(normal)
     gap = torch.clamp(v_a - v_n, -100, 100)
@@ -145,6 +146,10 @@ def test_aaer_regularizer_cases():
     assert torch.isclose(reg, torch.tensor(2.0 * 2 / 3 * (3.0 * 0.75 + 0.5 * 100.0)))
     (g,) = torch.autograd.grad(reg, far)
     assert torch.equal(g, torch.zeros_like(g))
+    # the loss drop enters the value only: no gradient reaches loss_after
+    after_leaf = after.clone().requires_grad_(True)
+    reg = aaer_regularizer(z0, before, z1, after_leaf, **weights)
+    assert torch.autograd.grad(reg, [after_leaf], allow_unused=True) == (None,)
     # no abnormal or no normal example: nothing, and no NaN
     for loss_after in (before + 1, before - 1):
         reg = aaer_regularizer(z0, before, z1, loss_after, **weights)

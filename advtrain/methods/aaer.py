@@ -54,8 +54,9 @@ def abnormal_mask(loss_before: Tensor, loss_after: Tensor) -> Tensor:
 def aaer_regularizer(logits_before: Tensor, loss_before: Tensor, logits_after: Tensor, loss_after: Tensor, *,
                      lam1: float, lam2: float, lam3: float) -> Tensor:
     """AAER's regularizer of one batch, a 0-dim tensor differentiable in
-    ``logits_after`` and ``loss_after`` (the training forward's; the
-    ``*_before`` values, from the attack's start, are held fixed).
+    ``logits_after`` (the training forward's) through its variation term
+    only: the ``*_before`` values (from the attack's start), ``loss_after``
+    and ``V_N`` are held fixed.
 
     With the abnormal set ``A`` (:func:`abnormal_mask`), the normal set ``N``
     and batch size ``B``::
@@ -64,8 +65,11 @@ def aaer_regularizer(logits_before: Tensor, loss_before: Tensor, logits_after: T
         V_A  = mean_{i∈A} ‖logits_before_i − logits_after_i‖²,   V_N likewise over N (held fixed)
         R    = λ₁ · |A|/B · (λ₂ · CE_A + λ₃ · clip(V_A − V_N, 0, 100))
 
-    and ``R = 0`` when either set is empty. The counts stay on the device:
-    no host synchronisation, no per-example Python code.
+    and ``R = 0`` when either set is empty. ``CE_A`` enters the value but
+    carries no gradient: the authors' code and the FastAT Benchmark's both
+    compute it from detached losses, and so their training steps follow the
+    variation term alone. The counts stay on the device: no host
+    synchronisation, no per-example Python code.
     """
     abnormal = abnormal_mask(loss_before, loss_after)
     if logits_before.shape != logits_after.shape or logits_after.shape[0] != abnormal.shape[0]:
@@ -79,7 +83,8 @@ def aaer_regularizer(logits_before: Tensor, loss_before: Tensor, logits_after: T
     # Empty sets get a unit denominator: their sums are 0, and the where below drops R.
     abnormal_variation = (weight * variation).sum() / n_abnormal.clamp_min(1)
     normal_variation = ((1 - weight) * variation.detach()).sum() / n_normal.clamp_min(1)
-    abnormal_drop = (weight * (loss_before.detach().to(after.dtype) - loss_after)).sum() / n_abnormal.clamp_min(1)
+    drop = loss_before.detach().to(after.dtype) - loss_after.detach().to(after.dtype)
+    abnormal_drop = (weight * drop).sum() / n_abnormal.clamp_min(1)
     gap = torch.clamp(abnormal_variation - normal_variation, 0.0, VARIATION_CLIP)
     reg = lam1 * (n_abnormal / weight.numel()) * (lam2 * abnormal_drop + lam3 * gap)
     return torch.where((n_abnormal > 0) & (n_normal > 0), reg, torch.zeros_like(reg))
@@ -98,7 +103,8 @@ class AAERPolicy(PerturbationPolicy):
     2. ``δ = δ₀ + step_size · sign(g)``, clipped to the ε-ball when
        ``project`` and so that ``x + δ`` lies in [0, 1]; ``x_adv = x + δ``.
     3. Loss ``CE(f(x_adv), y) + R`` with ``R`` = :func:`aaer_regularizer`
-       of the training forward's logits and per-example cross-entropy.
+       of the training forward's logits and per-example cross-entropy
+       (whose gradient is its logit-variation term's).
 
     The first cross-entropy takes the Trainer's label smoothing; the
     per-example losses that pick and weigh the abnormal examples are
