@@ -14,5 +14,5 @@ def test_epoch_time(bench_settings, record_results):
     for row in results.rows:
         assert all(t > 0 for t in row.times)
         if row.passes is not None:
-            expected = Passes(11, 0, 11) if row.name == BASELINE else METHODS[row.name].passes()
+            expected = Passes(11, 0, 11) if row.name == BASELINE else METHODS[row.name].passes(batch_size=results.size.batch_size, examples=results.size.examples)
             assert row.passes == expected, f"{row.name}: counted {row.passes}, the registry says {expected}"

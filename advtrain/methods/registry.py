@@ -12,10 +12,25 @@ from typing import Any, Callable, Dict, List, Tuple
 
 from ..training import presets
 from ..training.trainer import Trainer
+from .aaer import NAAERTrainer, RSAAERTrainer
+from .elle import ELLEATrainer, ELLETrainer
+from .fgsm_cuap import FGSMCUAPTrainer
+from .fgsm_fuap import FGSMFUAPTrainer
+from .fgsm_mep_cs import FGSMMEPCSTrainer
+from .fgsm_pco import FGSMPCOTrainer
+from .fgsm_pgi import FGSMPGITrainer
+from .fgsm_rs_cs import FGSMRSCSTrainer
+from .fgsm_uap import FGSMUAPTrainer
 from .free_at import FreeATTrainer
+from .gat import GATTrainer
 from .gradalign import GradAlignTrainer
+from .liet import LIETTrainer
 from .mart import MARTTrainer
+from .pgd_at_wa import PGDATWATrainer
+from .nuat import NuATTrainer
+from .ssat import SSATTrainer
 from .trades import TRADESTrainer
+from .zerograd import MultiGradTrainer, ZeroGradTrainer
 
 
 @dataclass(frozen=True)
@@ -45,7 +60,9 @@ class Method:
     ``Trainer`` itself) whose constructor holds the paper's defaults.
     ``doc``: its docs page, relative to the repository root. ``passes``: the
     cost model, a function of the method's options (e.g. PGD's ``steps``)
-    giving :class:`Passes`. ``options``: the preset keywords beyond the
+    giving :class:`Passes`; every one also takes the epoch's ``batch_size``
+    and ``examples``, which matter where a pass runs once per several steps
+    (LIET's). ``options``: the preset keywords beyond the
     Trainer's that the command line may set (``"steps"``, ``"eps"``).
     ``compiles``: whether ``compile=True`` is supported.
     """
@@ -98,6 +115,84 @@ def _gradalign(**_: Any) -> Passes:
     return Passes(forward=3, input_backward=2, full_backward=3)
 
 
+def _elle(**_: Any) -> Passes:
+    # attack: FGSM's forward and input backward; loss: the training forward
+    # and one forward of the 3 linearity points per example; the one backward
+    # runs through all four (no double backward)
+    return Passes(forward=5, input_backward=1, full_backward=4)
+
+
+def _guided_single_step(**_: Any) -> Passes:
+    # NuAT and GAT. attack: the clean forward (no graph), the forward at the
+    # Bernoulli start and its input backward; loss: adversarial and clean
+    # forwards, and the one backward runs through both of them
+    return Passes(forward=4, input_backward=1, full_backward=2)
+
+
+def _ssat(divisions: int = 3, **_: Any) -> Passes:
+    # attack: the forward at the random start and its input backward, then
+    # one eval-mode forward (no graph) per checkpoint k/c, k < c, of every
+    # example; loss: the training forward and its full backward
+    return Passes(forward=divisions + 1, input_backward=1, full_backward=1)
+
+
+def _zerograd(steps: int = 1, **_: Any) -> Passes:
+    return _multi_step(steps)
+
+
+def _multigrad(samples: int = 3, **_: Any) -> Passes:
+    # attack: a forward and an input backward per random sample; loss: the
+    # training forward and its full backward
+    return _multi_step(samples)
+
+
+def _universal_fgsm(**_: Any) -> Passes:
+    # FGSM-UAP and FGSM-CUAP. attack: the forward at the UAP start and its
+    # input backward; loss: the start's and the FGSM point's forwards, and
+    # the one backward runs through both (the consistency term)
+    return Passes(forward=3, input_backward=1, full_backward=2)
+
+
+def _fgsm_fuap(**_: Any) -> Passes:
+    # FGSM-UAP's passes plus the feature forward (no graph) at the random
+    # start that picks each example's UAP
+    return Passes(forward=4, input_backward=1, full_backward=2)
+
+
+def _fgsm_pgi(**_: Any) -> Passes:
+    # loss: the training forward at the prior (its input backward, graph
+    # kept, gives the FGSM direction) and at the FGSM point; the one backward
+    # runs through both (the output-distance term)
+    return Passes(forward=2, input_backward=1, full_backward=2)
+
+
+def _fgsm_pco(**_: Any) -> Passes:
+    # loss: the training forwards at the prior (with its input backward, graph
+    # kept), at the confidence-weighted mix and at the FGSM point; the one
+    # backward runs through all three (the consistency term and the weights)
+    return Passes(forward=3, input_backward=1, full_backward=3)
+
+
+def _cs(**_: Any) -> Passes:
+    # FGSM-MEP-CS and FGSM-RS-CS. attack: the forward at the prior or random
+    # start and its input backward; loss: the adversarial and the clean (start)
+    # forwards, and the one backward runs through both (the CS term, weight 0
+    # in the steps where it is off)
+    return Passes(forward=3, input_backward=1, full_backward=2)
+
+
+def _liet(li_every: int = 20, num_classes: int = 10, batch_size: int = 128, examples: int = 50_000,
+          **_: Any) -> Passes:
+    # per step: the attack's start and the training forward (the attack's
+    # input backward runs through the first), and the one backward through
+    # both; per epoch of `examples` in batches of `batch_size`, every
+    # li_every-th step, a forward and an input backward of the num_classes
+    # grey images, spread over the epoch's examples
+    steps = -(-examples // batch_size)
+    probes = num_classes * -(-steps // li_every) / examples
+    return Passes(forward=2 + probes, input_backward=1 + probes, full_backward=2)
+
+
 def _free_at(**_: Any) -> Passes:
     # per optimizer step, `replays` of them per batch: one forward and one
     # backward that gives the weight gradients and the input gradient at once
@@ -111,6 +206,8 @@ METHODS: Dict[str, Method] = {m.name: m for m in (
     Method("fgsm-rs", "FGSM-RS (Fast-AT)", presets.FastATTrainer, "docs/methods/fgsm_rs.md", _single_step),
     Method("nfgsm", "N-FGSM", presets.NFGSMTrainer, "docs/methods/nfgsm.md", _single_step),
     Method("pgd", "PGD-k", presets.PGDTrainer, "docs/methods/pgd.md", _multi_step, options=("eps", "steps")),
+    Method("pgd-at-wa", "PGD-AT-WA", PGDATWATrainer, "docs/methods/pgd_at_wa.md", _multi_step,
+           options=("eps", "steps")),
     Method("atta", "ATTA-k", presets.ATTATrainer, "docs/methods/atta.md", _atta,
            options=("eps", "steps", "reset_every", "store_dtype")),
     Method("apart", "APART", presets.APARTTrainer, "docs/methods/apart.md", _single_step,
@@ -121,6 +218,35 @@ METHODS: Dict[str, Method] = {m.name: m for m in (
     Method("free-at", "Free-AT", FreeATTrainer, "docs/methods/free_at.md", _free_at, options=("eps", "replays")),
     Method("trades", "TRADES", TRADESTrainer, "docs/methods/trades.md", _trades, options=("eps", "steps")),
     Method("mart", "MART", MARTTrainer, "docs/methods/mart.md", _mart, options=("eps", "steps")),
+    Method("n-aaer", "N-AAER", NAAERTrainer, "docs/methods/n_aaer.md", _single_step,
+           options=("eps", "step_size", "lam1", "lam2", "lam3")),
+    Method("rs-aaer", "RS-AAER", RSAAERTrainer, "docs/methods/rs_aaer.md", _single_step,
+           options=("eps", "step_size", "lam1", "lam2", "lam3")),
+    Method("liet", "LIET", LIETTrainer, "docs/methods/liet.md", _liet, options=("eps", "lam", "li_every")),
+    Method("nuat", "NuAT", NuATTrainer, "docs/methods/nuat.md", _guided_single_step, options=("eps", "lam_max")),
+    Method("gat", "GAT", GATTrainer, "docs/methods/gat.md", _guided_single_step, options=("eps", "lam")),
+    Method("elle", "ELLE", ELLETrainer, "docs/methods/elle.md", _elle, options=("eps", "lam")),
+    Method("elle-a", "ELLE-A", ELLEATrainer, "docs/methods/elle_a.md", _elle,
+           options=("eps", "lam_aux", "lam_decay", "sensitivity")),
+    Method("ssat", "SSAT", SSATTrainer, "docs/methods/ssat.md", _ssat, options=("eps", "step_size", "divisions")),
+    Method("zerograd", "ZeroGrad", ZeroGradTrainer, "docs/methods/zerograd.md", _zerograd,
+           options=("eps", "quantile", "steps", "step_size", "random_start")),
+    Method("multigrad", "MultiGrad", MultiGradTrainer, "docs/methods/multigrad.md", _multigrad,
+           options=("eps", "samples", "min_agree", "step_size")),
+    Method("fgsm-uap", "FGSM-UAP", FGSMUAPTrainer, "docs/methods/fgsm_uap.md", _universal_fgsm,
+           options=("eps", "uap_eps", "lam", "momentum_decay")),
+    Method("fgsm-cuap", "FGSM-CUAP", FGSMCUAPTrainer, "docs/methods/fgsm_cuap.md", _universal_fgsm,
+           options=("eps", "uap_eps", "lam", "momentum_decay")),
+    Method("fgsm-fuap", "FGSM-FUAP", FGSMFUAPTrainer, "docs/methods/fgsm_fuap.md", _fgsm_fuap,
+           options=("eps", "uap_eps", "lam", "momentum_decay", "uap_num", "feature_lr")),
+    Method("fgsm-pgi", "FGSM-PGI", FGSMPGITrainer, "docs/methods/fgsm_pgi.md", _fgsm_pgi,
+           options=("eps", "lam", "momentum_decay", "reset_every", "store_dtype")),
+    Method("fgsm-pco", "FGSM-PCO", FGSMPCOTrainer, "docs/methods/fgsm_pco.md", _fgsm_pco,
+           options=("eps", "lam", "factor", "store_dtype")),
+    Method("fgsm-mep-cs", "FGSM-MEP-CS", FGSMMEPCSTrainer, "docs/methods/fgsm_mep_cs.md", _cs,
+           options=("eps", "momentum_decay", "reset_every", "factor", "gamma", "w2", "store_dtype")),
+    Method("fgsm-rs-cs", "FGSM-RS-CS", FGSMRSCSTrainer, "docs/methods/fgsm_rs_cs.md", _cs,
+           options=("eps", "factor", "gamma", "w2")),
 )}
 """Every training method, by name."""
 

@@ -105,15 +105,19 @@ def non_finite_entries(state: Any) -> List[str]:
     of the floating-point tensors in a nested state that hold inf or NaN.
 
     The check is one fused reduction per device (the L1 norms of all tensors,
-    in float32, by ``torch._foreach_norm``) and one host synchronisation;
-    tensors are named one by one only when that reduction is not finite."""
+    in float32, float64 ones in float64, by ``torch._foreach_norm``) and one
+    host synchronisation; tensors are named one by one only when that
+    reduction is not finite."""
     named = list(_floating_tensors(state))
     groups: Dict[Tuple[torch.device, torch.dtype], List[Tensor]] = defaultdict(list)
     for _, t in named:
         groups[(t.device, t.dtype)].append(t)
     per_device: Dict[torch.device, List[Tensor]] = defaultdict(list)
-    for (device, _), tensors in groups.items():
-        per_device[device].extend(torch._foreach_norm(tensors, 1, dtype=torch.float32))
+    for (device, dtype), tensors in groups.items():
+        # torch refuses to narrow float64 tensors (a float64 model, ELLE-A's
+        # running statistics) into a float32 norm
+        norm_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        per_device[device].extend(n.float() for n in torch._foreach_norm(tensors, 1, dtype=norm_dtype))
     if all(bool(torch.stack(norms).isfinite().all()) for norms in per_device.values()):
         return []
     # The norms may also overflow for huge finite values: name only real inf/NaN.

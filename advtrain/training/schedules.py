@@ -12,6 +12,8 @@ from typing import Callable, Sequence, Tuple, Union
 
 import numpy as np
 
+from .._validation import check_positive_int
+
 
 class Schedule:
     """Piecewise-linear schedule through ``(epoch, value)`` knots.
@@ -137,6 +139,64 @@ def one_cycle_momentum(epochs: float, *, high: float = 0.95, low: float = 0.85,
     (0.95 → 0.85 → 0.95, whatever momentum the optimizer was built with)."""
     low_at = _fraction(pct_start, "pct_start") * _positive_number(epochs, "epochs")
     return CosineSchedule([0.0, low_at, float(epochs)], [_fraction(high, "high"), _fraction(low, "low"), high])
+
+
+class PerEpoch:
+    """A schedule stepped once per epoch: through the whole of epoch ``e``
+    (0-based; progress ``e <= epoch < e + 1``) it holds ``schedule(e)``, as a
+    torch LR scheduler whose ``step()`` is called at each epoch's end sets
+    the rate. Pass it as ``Trainer(schedule=...)`` or
+    ``Trainer(momentum_schedule=...)``."""
+
+    def __init__(self, schedule: Callable[[float], float]) -> None:
+        if not callable(schedule):
+            raise TypeError(f"schedule must be a callable of the epoch, got {type(schedule).__name__}")
+        self.schedule = schedule
+
+    def __call__(self, epoch: float) -> float:
+        return float(self.schedule(float(math.floor(epoch))))
+
+    def __repr__(self) -> str:
+        return f"PerEpoch({self.schedule!r})"
+
+
+def _per_epoch_cycle(start: float, middle: float, end: float, epochs: float, pct_start: float) -> PerEpoch:
+    # OneCycleLR(total_steps=epochs) ends its first phase at step
+    # pct_start·epochs − 1 and its second at epochs − 1; a first phase that
+    # ends before step 0 (fewer than 1 / pct_start epochs) is never seen.
+    turn = pct_start * epochs - 1.0
+    if turn > 0.0:
+        return PerEpoch(CosineSchedule([0.0, turn, epochs - 1.0], [start, middle, end]))
+    return PerEpoch(CosineSchedule([turn, epochs - 1.0], [middle, end]))
+
+
+def one_cycle_per_epoch(peak: float, epochs: int, *, pct_start: float = 0.3, div_factor: float = 25.0,
+                        final_div_factor: float = 1e4) -> PerEpoch:
+    """One-cycle learning rate stepped once per epoch, as the FastAT
+    Benchmark runs it: ``torch.optim.lr_scheduler.OneCycleLR(max_lr=peak,
+    total_steps=epochs)`` with ``step()`` after every epoch. Epoch ``e`` gets
+    torch's rate of step ``e``: ``peak / div_factor`` in epoch 0, up along a
+    half cosine to ``peak`` in epoch ``pct_start·epochs − 1``, down along a
+    half cosine to ``peak / (div_factor · final_div_factor)`` in the last
+    epoch, ``epochs − 1``; constant within each epoch."""
+    peak = _positive_number(peak, "peak")
+    epochs = check_positive_int(epochs, "epochs")
+    initial = peak / _positive_number(div_factor, "div_factor")
+    final = initial / _positive_number(final_div_factor, "final_div_factor")
+    return _per_epoch_cycle(initial, peak, final, float(epochs), _fraction(pct_start, "pct_start"))
+
+
+def one_cycle_momentum_per_epoch(epochs: int, *, high: float = 0.95, low: float = 0.85,
+                                 pct_start: float = 0.3) -> PerEpoch:
+    """The momentum that ``OneCycleLR(total_steps=epochs)`` stepped once per
+    epoch gives SGD (its default ``cycle_momentum=True``, whatever momentum
+    the optimizer was built with): ``high`` in epoch 0, along half cosines
+    to ``low`` in epoch ``pct_start·epochs − 1`` and back to ``high`` in the
+    last epoch; constant within each epoch. The partner of
+    :func:`one_cycle_per_epoch`."""
+    epochs = check_positive_int(epochs, "epochs")
+    high, low = _fraction(high, "high"), _fraction(low, "low")
+    return _per_epoch_cycle(high, low, high, float(epochs), _fraction(pct_start, "pct_start"))
 
 
 class MultiStep:
