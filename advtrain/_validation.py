@@ -147,6 +147,16 @@ def check_weight(value: object, name: str) -> float:
     return float(value)
 
 
+def check_interval(value: object, name: str, low: float, high: float) -> float:
+    """Check that ``value`` is a real number in the interval (low, high]
+    (``high = inf``: any finite number above ``low``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not (low < value <= high and math.isfinite(value)):
+        raise ValueError(f"{name} must be a finite number in ({low:g}, {high:g}], got {value!r}")
+    return float(value)
+
+
 def check_positive_int(value: object, name: str, minimum: int = 1) -> int:
     """Check that ``value`` is an integer >= ``minimum``."""
     if isinstance(value, bool) or not isinstance(value, int):

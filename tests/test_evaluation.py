@@ -101,7 +101,8 @@ def test_suites():
     assert list(attack_suite("cw")) == ["CW-20"]
     assert list(attack_suite("autoattack")) == ["APGD-CE", "APGD-T"]
     full = attack_suite("full", eps=4 / 255)
-    assert list(full) == ["PGD-20", "CW-20", "APGD-CE", "APGD-T"]
+    assert list(full) == ["PGD-20", "CW-20", "APGD-CE", "APGD-T", "FAB-T", "Square"]
+    assert list(attack_suite("standard")) == ["APGD-CE", "APGD-T", "FAB-T", "Square"]
     pgd = full["PGD-20"]
     assert (pgd.steps, pgd.step_size, pgd.random_start, pgd.bn_mode) == (20, 1 / 255, True, "eval")
     assert full["CW-20"].loss == "margin"
@@ -139,10 +140,10 @@ def test_full_suite_runs_in_protocol_order_with_a_per_example_worst_case():
     torch.manual_seed(0)
     # a large radius: PGD-20 breaks every example, so the later attacks have nothing left to attack
     report = evaluate(model, (x, y), "full", eps=0.25, progress=False)
-    assert list(report.per_attack) == ["PGD-20", "CW-20", "APGD-CE", "APGD-T"]
-    assert list(report.per_attack.values()) == [0.0] * 4 and report.robust_accuracy == 0.0
+    assert list(report.per_attack) == ["PGD-20", "CW-20", "APGD-CE", "APGD-T", "FAB-T", "Square"]
+    assert list(report.per_attack.values()) == [0.0] * 6 and report.robust_accuracy == 0.0
     assert report.clean_accuracy > 0.5 and report.eps == 0.25
-    assert torch.equal(report.robust_correct, report.clean_correct & report.per_attack_correct["APGD-T"])
+    assert torch.equal(report.robust_correct, report.clean_correct & report.per_attack_correct["Square"])
 
 
 # ----------------------------------------------------------------------------- evaluate: the model
@@ -237,8 +238,11 @@ def test_l2_threat_model():
     assert report.norm == "l2" and "L2 eps = 0.5" in str(report) and report.to_dict()["norm"] == "l2"
     with pytest.raises(ThreatModelError, match="in L2"):
         evaluate(model, (x, y), [attack], eps=0.25, norm="l2", progress=False)
-    with pytest.raises(ValueError, match="norm='linf'"):
-        evaluate(model, (x, y), "pgd20", eps=0.5, norm="l2", progress=False)
+    # a suite name runs its attacks in the threat model's norm
+    suite = attack_suite("full", eps=0.5, norm="l2")
+    assert {a.norm for a in suite.values()} == {"l2"} and {a.eps for a in suite.values()} == {0.5}
+    l2 = evaluate(model, (x, y), "pgd20", eps=0.5, norm="l2", progress=False)
+    assert l2.norm == "l2" and l2.eps == 0.5 and l2.robust_accuracy <= l2.clean_accuracy
     with pytest.raises(ValueError, match="norm"):
         evaluate(model, (x, y), [attack], norm="l1", progress=False)
     # An L2 radius above 1 is a legitimate threat model (below √(C·H·W)); an L∞ one is refused.

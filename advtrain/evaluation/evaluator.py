@@ -22,7 +22,9 @@ from torch import Tensor, nn
 from .._validation import check_choice, check_eps, check_positive_int
 from ..attacks.apgd import APGD
 from ..attacks.base import Attack
+from ..attacks.fab import FAB
 from ..attacks.pgd import PGD
+from ..attacks.square import Square
 from ..utils.batches import device_batches
 from ..utils.devices import DeviceLike, resolve_device
 from ..utils.modes import model_mode
@@ -33,50 +35,63 @@ from .masking import CHEAP_CHECKS, MaskingWarning, check_gradient_masking
 from .state import ModelSnapshot
 from .threat_model import NORMS, check_threat_model, threat_model_stats
 
-SUITES = ("pgd20", "cw", "autoattack", "full")
-MASKING_SUITES = ("autoattack", "full")
+SUITES = ("pgd20", "cw", "autoattack", "standard", "full")
+MASKING_SUITES = ("autoattack", "standard", "full")
 """The suites that run :data:`~advtrain.evaluation.masking.CHEAP_CHECKS` by default."""
 MASKING_EXAMPLES = 200
 """How many of the first examples the gradient-masking checks look at."""
 AttackSpec = Union[str, Sequence[Attack], Mapping[str, Attack]]
-"""A suite name (``"pgd20"``, ``"cw"``, ``"autoattack"``, ``"full"``), a list of
+"""A suite name (``"pgd20"``, ``"cw"``, ``"autoattack"``, ``"standard"``, ``"full"``), a list of
 attacks (named by class, numbered when repeated) or a dict name -> attack."""
 
 
-def attack_suite(name: str, eps: float = 8 / 255) -> Dict[str, Attack]:
-    """The named attacks of a protocol suite at radius ``eps`` (pixel units,
-    at most 1), all L∞ with BatchNorm in eval mode:
+def attack_suite(name: str, eps: float = 8 / 255, norm: str = "linf") -> Dict[str, Attack]:
+    """The named attacks of a protocol suite at radius ``eps`` (pixel units;
+    an L∞ radius is at most 1) in ``norm`` (``"linf"`` or ``"l2"``), all
+    with BatchNorm in eval mode:
 
     * ``"pgd20"``: ``PGD-20`` — 20 steps of ε/4 (2/255 at 8/255), random start,
       cross-entropy;
-    * ``"cw"``: ``CW-20`` — the same PGD on the Carlini-Wagner margin loss (CW-∞);
+    * ``"cw"``: ``CW-20`` — the same PGD on the Carlini-Wagner margin loss (CW-∞
+      in L∞);
     * ``"autoattack"``: ``APGD-CE`` (100 steps) then ``APGD-T`` (targeted DLR,
       100 steps for each of the 9 most likely wrong classes), the second run
       only on the points the first left robust, as AutoAttack does;
-    * ``"full"``: all four, in the order above.
+    * ``"standard"``: the standard AutoAttack suite, as RobustBench reports
+      it — ``APGD-CE`` and ``APGD-T`` as above, then ``FAB-T`` (targeted FAB,
+      100 steps for each of the 9 most likely wrong classes) and ``Square``
+      (5,000 queries, ``p_init`` 0.8), each on the points still robust;
+    * ``"full"``: PGD-20, CW-20 and the standard suite, in the order above
+      (the strongest: it adds a black-box attack to the gradient ones).
+
+    In L2 the steps are L2 steps (the gradient scaled to length ε/4 for PGD,
+    AutoAttack's L2 step rule for APGD), and FAB-T and Square run their L2
+    versions.
     """
     if name not in SUITES:
         raise ValueError(f"attacks must be one of {', '.join(map(repr, SUITES))}, a list or a dict of "
                          f"Attack objects; got {name!r}")
-    eps = float(check_eps(eps, "linf", "eps"))
+    norm = check_choice(norm, "norm", NORMS)
+    eps = float(check_eps(eps, norm, "eps"))
     suites: Dict[str, Dict[str, Attack]] = {
-        "pgd20": {"PGD-20": PGD(eps, steps=20, step_size=eps / 4, random_start=True, bn_mode="eval")},
-        "cw": {"CW-20": PGD(eps, steps=20, step_size=eps / 4, random_start=True, loss="margin", bn_mode="eval")},
-        "autoattack": {"APGD-CE": APGD(eps, steps=100, loss="ce", bn_mode="eval"),
-                       "APGD-T": APGD(eps, steps=100, loss="dlr", targeted=True, n_target_classes=9,
+        "pgd20": {"PGD-20": PGD(eps, steps=20, step_size=eps / 4, random_start=True, norm=norm, bn_mode="eval")},
+        "cw": {"CW-20": PGD(eps, steps=20, step_size=eps / 4, random_start=True, loss="margin", norm=norm,
+                            bn_mode="eval")},
+        "autoattack": {"APGD-CE": APGD(eps, steps=100, loss="ce", norm=norm, bn_mode="eval"),
+                       "APGD-T": APGD(eps, steps=100, loss="dlr", targeted=True, n_target_classes=9, norm=norm,
                                       bn_mode="eval")},
     }
+    suites["standard"] = {**suites["autoattack"],
+                          "FAB-T": FAB(eps, steps=100, n_target_classes=9, norm=norm, bn_mode="eval"),
+                          "Square": Square(eps, n_queries=5000, p_init=0.8, norm=norm, bn_mode="eval")}
     if name == "full":
-        return {**suites["pgd20"], **suites["cw"], **suites["autoattack"]}
+        return {**suites["pgd20"], **suites["cw"], **suites["standard"]}
     return suites[name]
 
 
 def _named_attacks(attacks: AttackSpec, eps: float, norm: str) -> Dict[str, Attack]:
     if isinstance(attacks, str):
-        if norm != "linf":
-            raise ValueError(f"the suites are L∞ attacks, so a suite name needs norm='linf', got norm={norm!r}; "
-                             "give your own attacks for another norm")
-        return attack_suite(attacks, eps)
+        return attack_suite(attacks, eps, norm)
     named: Dict[str, Any]
     if isinstance(attacks, Mapping):
         named = dict(attacks)
@@ -213,11 +228,11 @@ def evaluate(
             in [0, 1], NCHW — or anything :func:`advtrain.data.as_tensors` accepts.
         attacks: a suite name (see :func:`attack_suite`), a list of attacks or a
             dict name -> attack; run in the given order.
-        eps: radius of the threat model, pixel units: the suites' L∞ radius
-            (at most 1: 8/255, not 8), and the bound every attack's output is
-            checked against.
-        norm: the threat model's norm, ``"linf"`` or ``"l2"``; the suites
-            need ``"linf"``.
+        eps: radius of the threat model, pixel units: the suites' radius (an
+            L∞ one at most 1: 8/255, not 8), and the bound every attack's
+            output is checked against.
+        norm: the threat model's norm, ``"linf"`` or ``"l2"``; a suite name
+            runs its attacks in this norm.
         batch_size: examples per batch.
         n_examples: evaluate the first ``n_examples`` only (``None``: all).
         device: where to run (default: the model's device).
