@@ -29,6 +29,7 @@ from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence, Tupl
 
 from .cli_errors import device_problem, os_error_line, runtime_error_line
 from .cli_methods import add_method_arguments, method_kwargs
+from .cli_study import add_study_parser
 from .config import RESERVED, load_config, resolve_config
 from .distributed import init_distributed, rank as process_rank, shutdown_distributed
 from .methods import METHODS, get_method
@@ -37,9 +38,12 @@ from .training.atomic import atomic_write_text
 from .training.callbacks import Callback
 from .training.run_files import describe, existing_run
 from .training.run_lock import lock_run_dir
+from .training.protocols import (PROTOCOLS, apply_protocol_schedule, describe_protocol, get_protocol,
+                                 method_settings, protocol_kwargs)
+from .training.scales import SCALES, get_scale
 from .training.schedules import NAMES as SCHEDULES, MultiStep, ScheduleLike
 
-SUITES = ("pgd20", "cw", "autoattack", "full")
+SUITES = ("pgd20", "cw", "autoattack", "standard", "full")
 PRECISIONS = ("auto", "fp32", "bf16")
 CONFIG_NAME = "config.json"
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -88,6 +92,37 @@ def parse_eps(text: str) -> float:
     if value > 1:
         raise argparse.ArgumentTypeError(
             f"is in pixel units (images are in [0, 1]), so it must be <= 1; got {text} (did you mean {text}/255?)")
+    return value
+
+
+def log_formats(text: str) -> str:
+    """A comma list of metric formats (``csv,tensorboard``), each once; kept as
+    text so that ``config.json`` records it as given."""
+    from .training.loggers import LOG_FORMATS
+
+    names = [name.strip() for name in str(text).split(",")]
+    unknown = [name for name in names if name not in LOG_FORMATS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"expected a comma list of {', '.join(LOG_FORMATS)}, got {text!r}")
+    return ",".join(dict.fromkeys(names))
+
+
+def parse_eval_eps(text: Optional[str], norm: str) -> float:
+    """The radius of ``advtrain eval --eps`` in ``norm``: a number or fraction,
+    at most 1 in L∞ (see :func:`parse_eps`); ``None`` gives the usual CIFAR-10
+    radii, 8/255 in L∞ and 0.5 in L2."""
+    if text is None:
+        return 8 / 255 if norm == "linf" else 0.5
+    try:
+        if norm == "linf":
+            return parse_eps(text)
+        value = float(Fraction(text)) if "/" in text else float(text)
+    except argparse.ArgumentTypeError as exc:
+        raise CLIError(f"argument --eps: {exc}") from None
+    except (ValueError, ZeroDivisionError):
+        raise CLIError(f"argument --eps: not a number or fraction: {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise CLIError(f"argument --eps: an L2 radius must be finite and >= 0, got {text}")
     return value
 
 
@@ -159,16 +194,28 @@ def _train_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, metavar="FILE",
                    help="TOML or JSON file of options (keys = flag names, with _ or -)")
     # --method and one flag per option of the registered methods (--eps, --steps, ...)
-    add_method_arguments(p, default="apart", parsers={"eps": parse_eps, "steps": positive_int})
-    p.add_argument("--model", choices=model_names(), default="preactresnet18",
-                   help="model from advtrain's registry (default: preactresnet18); on --resume the checkpoint's "
-                        "recorded model, which this must name")
+    add_method_arguments(p, default="apart", parsers={"eps": parse_eps, "steps": positive_int, "step_size": parse_eps,
+                                                      "uap_eps": parse_eps})
+    p.add_argument("--scale", choices=tuple(SCALES), default=None,
+                   help="run size: cpu (SmallCNN, 10,000 images, 10 epochs: minutes on a 2-core CPU) or gpu "
+                        "(PreActResNet18, all 50,000 images, the method's epochs: the paper's setting); "
+                        "--model, --train-examples, --epochs and --eval-examples override it "
+                        "(default: the gpu size)")
+    p.add_argument("--protocol", choices=tuple(PROTOCOLS), default=None,
+                   help="training recipe shared by every method: fastat (the FastAT Benchmark's: ResNet-18, 100 "
+                        "epochs, one-cycle LR 0.1, label smoothing and weight averaging as the method's config "
+                        "says, 1,000 validation images, best by validation PGD-10) or apart (the APART paper's: "
+                        "PreActResNet18, 30 epochs, cyclic LR 0.2, weight decay 2e-4); --scale shrinks its size, "
+                        "explicit flags override both (default: none, the method's preset)")
+    p.add_argument("--model", choices=model_names(), default=None,
+                   help="model from advtrain's registry (default: the scale's, preactresnet18); on --resume the "
+                        "checkpoint's recorded model, which this must name")
     p.add_argument("--dataset", choices=("cifar10", "cifar100"), default="cifar10", help="default: cifar10")
     p.add_argument("--data", default=None, metavar="DIR",
                    help="directory holding the official CIFAR python-format folder (required)")
     p.add_argument("--download", action="store_true", help="download the dataset (MD5-verified) if missing")
     p.add_argument("--epochs", type=positive_int, default=None, metavar="N",
-                   help="epochs (default: the method's preset, 30; 15 for fgsm-rs)")
+                   help="epochs (default: the scale's; at the gpu size the method's preset, 30; 15 for fgsm-rs)")
     p.add_argument("--batch-size", type=positive_int, default=128, metavar="N", help="default: 128")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the method's, 0.2)")
     p.add_argument("--schedule", type=parse_schedule, default=None, metavar="SCHEDULE",
@@ -196,10 +243,10 @@ def _train_parser(sub: Any) -> argparse.ArgumentParser:
                         "that epoch exactly (default: at epoch ends only)")
     p.add_argument("--eval-every", type=non_negative_int, default=1, metavar="N",
                    help="evaluate every N epochs (0: only at the end; default 1)")
-    p.add_argument("--eval-examples", type=positive_int, default=1000, metavar="N",
-                   help="test images used for evaluation (default 1000)")
+    p.add_argument("--eval-examples", type=positive_int, default=None, metavar="N",
+                   help="test images used for evaluation (default: the scale's, 1000)")
     p.add_argument("--train-examples", type=positive_int, default=None, metavar="N",
-                   help="use only the first N training images")
+                   help="use only the first N training images (default: the scale's; all at the gpu size)")
     p.add_argument("--weight-average", type=parse_tau, default=None, metavar="TAU",
                    help="keep an EMA of the weights with decay TAU per step (e.g. 0.9995), evaluated next to the "
                         "raw model and used by `advtrain eval` (default: none)")
@@ -211,17 +258,78 @@ def _train_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--keep-best", action="store_true",
                    help="write OUT/best.pt with the model (raw or averaged) of best validation PGD-10 accuracy; "
                         "needs --val-examples")
+    p.add_argument("--log", type=log_formats, default=None, metavar="FORMATS",
+                   help="also write the per-epoch metrics as csv (OUT/metrics.csv) and/or tensorboard "
+                        "(OUT/tensorboard/, needs the tensorboard package), e.g. --log csv,tensorboard; "
+                        "OUT/metrics.jsonl is always written")
     p.add_argument("--no-progress", action="store_true",
                    help="no live progress bar (the startup line and one line per epoch stay)")
     p.set_defaults(func=run_train)
     return p
 
 
-def build_trainer(args: argparse.Namespace, num_classes: int) -> Any:
-    """The registered preset of ``args.method`` (see :data:`advtrain.methods.METHODS`)
-    with the command's overrides."""
+def apply_scale(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill ``--model``, ``--train-examples``, ``--epochs`` and
+    ``--eval-examples`` left unset from ``--scale`` (the gpu size when no scale
+    is given); values given on the command line or in a config file win.
+    Idempotent, and returns ``args``."""
+    scale = get_scale(args.scale or "gpu")
+    for key in ("model", "train_examples", "epochs", "eval_examples"):
+        if getattr(args, key, None) is None:
+            setattr(args, key, getattr(scale, key))
+    return args
+
+
+def apply_protocol(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill ``--model`` and ``--epochs`` left unset from ``--protocol``
+    (its network, the method's epochs in it), unless a smaller ``--scale``
+    sets them: flags win over a scale, a scale over the protocol. A scale of
+    all the training images (``gpu``) is the protocol's own size, with its
+    network and epochs. Idempotent, and returns ``args``."""
+    if getattr(args, "protocol", None) is None:
+        return args
+    protocol = get_protocol(args.protocol)
+    scale = get_scale(args.scale) if args.scale is not None else None
+    full_size = scale is None or scale.train_examples is None
+    if args.model is None and full_size:
+        args.model = protocol.model
+    if args.epochs is None and (full_size or scale.epochs is None):
+        args.epochs = method_settings(protocol, args.method)["total_epoch"]
+    return args
+
+
+FULL_SIZE = 20_000
+"""Training images from which a run on a CPU gets the note that it is a long one."""
+
+
+def _size_note(args: argparse.Namespace, n_train: int) -> Optional[str]:
+    """What the user should know about the run's size before it starts: the
+    scale it runs at, or that a run on ``n_train`` images (at least
+    :data:`FULL_SIZE`) on a CPU takes hours per epoch."""
+    if args.scale is not None:
+        images = "all" if args.train_examples is None else f"the first {args.train_examples:,}"
+        epochs = ("the method's epochs" if args.epochs is None
+                  else f"{args.epochs} epoch" + ("s" if args.epochs != 1 else ""))
+        return (f"scale {args.scale}: {args.model} on {images} training images for {epochs}, "
+                f"{args.eval_examples:,} test images per evaluation ({get_scale(args.scale).purpose})")
     import torch
 
+    from .utils.devices import default_device
+
+    device = torch.device(args.device) if args.device else default_device()
+    if n_train >= FULL_SIZE and device.type == "cpu":
+        return (f"note: this run trains on {n_train:,} images on a CPU, which takes hours per epoch; "
+                "add --scale cpu for a run of minutes")
+    return None
+
+
+def build_trainer(args: argparse.Namespace, num_classes: int) -> Any:
+    """The registered preset of ``args.method`` (see :data:`advtrain.methods.METHODS`)
+    with the command's overrides, at the size of ``args.scale``."""
+    import torch
+
+    apply_protocol(args)
+    apply_scale(args)
     options = method_kwargs(args)  # an option the method does not take is refused before any work
     torch.manual_seed(args.seed)  # the same --seed gives the same initial weights
     model = _train_model(args, num_classes)
@@ -229,6 +337,9 @@ def build_trainer(args: argparse.Namespace, num_classes: int) -> Any:
                                   device=args.device, seed=args.seed, run_dir=args.out,
                                   eval_every=max(args.eval_every, 0) or 10**9, eval_examples=args.eval_examples,
                                   progress=not args.no_progress)
+    protocol = get_protocol(args.protocol) if getattr(args, "protocol", None) else None
+    if protocol is not None:  # the recipe under the command's own settings
+        kwargs = {**protocol_kwargs(protocol, args.method), **kwargs}
     for key in ("epochs", "lr"):
         if getattr(args, key) is not None:
             kwargs[key] = getattr(args, key)
@@ -238,13 +349,20 @@ def build_trainer(args: argparse.Namespace, num_classes: int) -> Any:
         if getattr(args, key) is not None:
             kwargs[key] = getattr(args, key)
     if args.keep_best:
-        if args.val_examples is None or not args.out:
+        if kwargs.get("val_examples") is None or not args.out:
             raise CLIError("--keep-best writes OUT/best.pt with the best model on held-out validation images: "
                            "add --val-examples N (e.g. 1000) and --out DIR")
         from .diagnostics import RobustnessDropMonitor
 
         kwargs["callbacks"] = [RobustnessDropMonitor()]  # reads the Trainer's validation accuracies
-    return get_method(args.method).build(model, **kwargs, **options)
+    elif protocol is not None and protocol.keep_best and kwargs.get("val_examples") is not None:
+        from .diagnostics import RobustnessDropMonitor
+
+        kwargs["callbacks"] = [RobustnessDropMonitor()]  # best.pt in --out, else the best weights in memory
+    trainer = get_method(args.method).build(model, **kwargs, **options)
+    if protocol is not None and args.schedule is None:
+        apply_protocol_schedule(trainer, protocol)
+    return trainer
 
 
 def _train_model(args: argparse.Namespace, num_classes: int) -> Any:
@@ -256,7 +374,7 @@ def _train_model(args: argparse.Namespace, num_classes: int) -> Any:
     from .training import load_checkpoint
 
     if not args.resume:
-        return build_model(args.model, num_classes=num_classes)
+        return build_model(args.model, num_classes=num_classes, **_protocol_model_kwargs(args))
     path = Path(args.out) / CHECKPOINT_NAME
     config = load_checkpoint(path).get("config", {})
     name, kwargs = _recorded_model(config, path, "build it in Python and resume with Trainer.fit(..., resume=path)")
@@ -268,6 +386,14 @@ def _train_model(args: argparse.Namespace, num_classes: int) -> Any:
         raise CLIError(f"cannot resume {path}: its model has {kwargs.get('num_classes')} classes and "
                        f"{args.dataset} has {num_classes}; pass the run's --dataset")
     return _rebuild(name, kwargs, path)
+
+
+def _protocol_model_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
+    """The constructor arguments ``--protocol`` gives its own model (the
+    benchmark's and APART's networks see raw pixels: ``normalize=False``);
+    none for any other model."""
+    protocol = get_protocol(args.protocol) if getattr(args, "protocol", None) else None
+    return dict(protocol.model_kwargs) if protocol is not None and args.model == protocol.model else {}
 
 
 def _read_splits(args: argparse.Namespace) -> Tuple[Any, Any]:
@@ -345,6 +471,8 @@ def _set_threads(args: argparse.Namespace) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     _set_threads(args)
+    apply_protocol(args)
+    apply_scale(args)
     if args.resume and not args.out:
         raise CLIError("--resume needs --out (the run directory to continue)")
     init_weights = _initial_weights(args)
@@ -364,9 +492,23 @@ def run_train(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace, init_weights: Optional[Path]) -> int:
     train, test = _read_splits(args)
+    note = _size_note(args, len(train))
+    if note and process_rank() == 0:
+        print(note, flush=True)
+    if args.protocol and process_rank() == 0:
+        print(describe_protocol(args.protocol, args.method), flush=True)
     trainer = build_trainer(args, num_classes=len(train.classes))
+    if args.log and not args.out:
+        raise CLIError("--log writes its files into the run directory: add --out DIR")
     if args.out and trainer.is_main:
         trainer.callbacks.append(_RecordConfig(Path(args.out) / CONFIG_NAME, recorded_options(args)))
+        if args.log:
+            from .training.loggers import metric_loggers
+
+            try:
+                trainer.callbacks.extend(metric_loggers(args.log.split(","), args.out))
+            except ImportError as exc:
+                raise CLIError(f"--log tensorboard: {exc}") from None
     try:
         history = trainer.fit(train, eval_data=test, resume=bool(args.resume), init_weights=init_weights,
                               overwrite=bool(args.overwrite))
@@ -415,8 +557,15 @@ def _eval_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--dataset", choices=("cifar10", "cifar100"), default=None,
                    help="default: the run's, else cifar100 for 100 classes and cifar10 otherwise")
     p.add_argument("--suite", choices=SUITES, default="pgd20",
-                   help="pgd20 (default), cw, autoattack (APGD-CE + APGD-T) or full (all four)")
-    p.add_argument("--eps", type=parse_eps, default=8 / 255, help="L∞ radius, pixel units (default 8/255)")
+                   help="pgd20 (default), cw, autoattack (APGD-CE + APGD-T), standard (AutoAttack's standard "
+                        "suite: APGD-CE, APGD-T, FAB-T, Square) or full (PGD-20, CW-20 and standard)")
+    p.add_argument("--norm", choices=("linf", "l2"), default="linf",
+                   help="threat model: linf (default) or l2; the suite's attacks run in this norm")
+    p.add_argument("--eps", default=None, metavar="EPS",
+                   help="radius, pixel units: L∞ as a fraction like 8/255 (default), L2 as a number "
+                        "(default 0.5)")
+    p.add_argument("--seed", type=int, default=0, metavar="N",
+                   help="seed of the attacks' random starts, so a report can be reproduced (default 0)")
     p.add_argument("--n-examples", type=positive_int, default=None, metavar="N",
                    help="evaluate the first N test images (default: all)")
     p.add_argument("--batch-size", type=positive_int, default=256, metavar="N", help="default: 256")
@@ -544,6 +693,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from .utils.devices import default_device
     from .utils.precision import precision_dtype
 
+    eps = parse_eval_eps(args.eps, args.norm)
     model, name, state, run_config = load_model(args.checkpoint, args.model, args.weights)
     weights = evaluation_weights(state, args.weights)[1]
     num_classes = int(state["config"]["model_kwargs"]["num_classes"])
@@ -561,12 +711,13 @@ def run_eval(args: argparse.Namespace) -> int:
     with warnings.catch_warnings():
         # the printed report lists every masking finding with its explanation
         warnings.simplefilter("ignore", GradientMaskingWarning)
-        report = evaluate(model, test, attacks=args.suite, eps=args.eps, batch_size=args.batch_size,
+        torch.manual_seed(args.seed)  # the attacks draw their random starts from the global generator
+        report = evaluate(model, test, attacks=args.suite, eps=eps, norm=args.norm, batch_size=args.batch_size,
                           n_examples=args.n_examples, device=device, progress=not args.no_progress,
                           autocast_dtype=autocast_dtype,
                           masking_checks=not args.no_masking_checks)
     result = {"checkpoint": str(args.checkpoint), "model": name, "dataset": dataset, "epoch": state.get("epoch"),
-              "weights": weights, "suite": args.suite, "precision": "fp32" if autocast_dtype is None else "bf16", **report.to_dict()}
+              "weights": weights, "suite": args.suite, "seed": args.seed, "precision": "fp32" if autocast_dtype is None else "bf16", **report.to_dict()}
     print(f"{name} ({weights} weights) from {args.checkpoint} (epoch {state.get('epoch')}), {dataset} test split, "
           f"suite {args.suite}")
     print(report)
@@ -704,6 +855,7 @@ def make_parser() -> argparse.ArgumentParser:
     _eval_parser(sub)
     _plot_parser(sub)
     _bench_parser(sub)
+    add_study_parser(sub, positive_int, parse_eps, tuple(PROTOCOLS))
     return parser
 
 
@@ -756,6 +908,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             problem = device_problem(getattr(args, "device", None))
             if problem is not None:
                 raise CLIError(problem)
+            if args.command == "study":  # its results record the exact command
+                return int(args.func(args, argv[1:]))
             return int(args.func(args))
         except (CLIError, ValueError, OSError) as exc:
             if debug:
@@ -780,4 +934,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 __all__: List[str] = ["main", "make_parser", "parse_eps", "parse_schedule", "schedule_spec", "build_trainer",
-                      "run_train", "load_model", "recorded_options"]
+                      "run_train", "load_model", "recorded_options", "apply_scale", "apply_protocol", "parse_eval_eps"]

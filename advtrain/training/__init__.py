@@ -3,6 +3,7 @@ from .atomic import AtomicWriteError
 from .callbacks import Callback, LambdaCallback
 from .checkpoint import CheckpointError, NonFiniteCheckpointError, load_checkpoint, save_checkpoint
 from .history import History
+from .loggers import CSVLogger, TensorBoardLogger
 from .presets import APARTTrainer, ATTATrainer, FastATTrainer, FGSMTrainer, NFGSMTrainer, PGDTrainer
 from .run_lock import RunLockError
 from .schedules import (CosineSchedule, MultiStep, Piecewise, Schedule, cyclic_momentum, multistep, one_cycle,
@@ -13,7 +14,7 @@ from .weight_average import WeightAverage, evaluation_weights
 
 __all__ = [
     "AtomicWriteError", "Callback", "LambdaCallback", "CheckpointError", "NonFiniteCheckpointError", "RunLockError",
-    "load_checkpoint", "save_checkpoint", "History",
+    "load_checkpoint", "save_checkpoint", "History", "CSVLogger", "TensorBoardLogger",
     "APARTTrainer", "ATTATrainer", "FastATTrainer", "FGSMTrainer", "NFGSMTrainer", "PGDTrainer", "Piecewise", "Schedule", "cyclic_momentum",
     "multistep", "triangular", "CosineSchedule", "MultiStep", "one_cycle", "one_cycle_momentum", "Trainer", "CheckpointInfo", "pgd20",
     "WeightAverage", "evaluation_weights", "pgd10", "train_val_split",

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import List, Union
 
 MARKERS = ("checkpoint.pt", "metrics.jsonl", "config.json")
-WRITTEN = MARKERS + ("best.pt",)
+WRITTEN = MARKERS + ("best.pt", "metrics.csv")
 EPOCH_CHECKPOINTS = "checkpoint_epoch*.pt"
 
 
