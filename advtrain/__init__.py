@@ -25,7 +25,7 @@ from .models import Normalize, PreActResNet18, ResNet18, WideResNet
 from .policies import APARTPolicy, ATTAPolicy, AttackPolicy, Perturbation, PerturbationPolicy
 from .training import (APARTTrainer, ATTATrainer, Callback, FastATTrainer, FGSMTrainer, History, NFGSMTrainer,
                        PGDTrainer, Trainer)
-from .training.protocols import build_protocol_trainer
+from .methods.protocols import build_protocol_trainer
 
 __version__ = "0.1.0"
 

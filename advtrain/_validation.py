@@ -166,6 +166,14 @@ def check_positive_int(value: object, name: str, minimum: int = 1) -> int:
     return value
 
 
+def check_bool(value: object, name: str) -> bool:
+    """Check that ``value`` is a bool (not merely truthy: ``1`` or ``"no"``
+    is refused)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
+
 def check_choice(value: object, name: str, choices: tuple) -> str:
     """Check that ``value`` is one of ``choices``."""
     if value not in choices:

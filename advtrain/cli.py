@@ -38,7 +38,7 @@ from .training.atomic import atomic_write_text
 from .training.callbacks import Callback
 from .training.run_files import describe, existing_run
 from .training.run_lock import lock_run_dir
-from .training.protocols import (PROTOCOLS, apply_protocol_schedule, describe_protocol, get_protocol,
+from .methods.protocols import (PROTOCOLS, apply_protocol_schedule, describe_protocol, get_protocol,
                                  method_settings, protocol_kwargs)
 from .training.scales import SCALES, get_scale
 from .training.schedules import NAMES as SCHEDULES, MultiStep, ScheduleLike

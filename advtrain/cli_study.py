@@ -75,8 +75,8 @@ def add_study_parser(sub: Any, positive_int: Any, parse_eps: Any, protocols: Seq
     p.add_argument("--order", choices=ORDERS, default="cost",
                    help="cost (default): cheapest first, PGD-10 last; given: the order of --methods")
     p.add_argument("--strength", action="store_true",
-                   help="also measure FGSM's, FGSM-RS's and APART's training perturbations on the final PGD-10 "
-                        "model, epoch by epoch, against random noise")
+                   help="also measure FGSM's and FGSM-RS's training perturbations on the final PGD-10 model, "
+                        "epoch by epoch, against random noise")
     p.add_argument("--strength-examples", type=positive_int, default=500, metavar="N")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument("--threads", type=positive_int, default=None, metavar="N", help="torch CPU threads")

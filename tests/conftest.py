@@ -19,7 +19,7 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="session")
 def cifar10_dir() -> Path:
     """A CIFAR-10 directory in the official layout, named by ``ADVTRAIN_CIFAR10_DIR``
-    (CI builds a real subset with ``../shared/tools/cifar10_from_jpeg.py``)."""
+    (CI builds a real subset of 5,000 training and 1,000 test images; see ``.ci/run``)."""
     path = os.environ.get("ADVTRAIN_CIFAR10_DIR")
     if not path:
         pytest.skip(

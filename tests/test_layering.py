@@ -2,9 +2,11 @@
 import counts: module level, inside functions and under ``TYPE_CHECKING``).
 
 From the bottom up: ``utils`` imports nothing else of advtrain; attacks,
-models and data know nothing of policies, training, evaluation, diagnostics
-or the CLI; policies know nothing of training, evaluation, diagnostics or the
-CLI; evaluation knows nothing of training, diagnostics or the CLI.
+models and data know nothing of policies, training, the methods, evaluation,
+diagnostics, the study or the CLI; policies know nothing of what is above
+them; evaluation knows nothing of training, the methods, diagnostics, the
+study or the CLI; the training loop knows nothing of the methods (which are
+built on it), diagnostics, the study or the CLI.
 """
 from __future__ import annotations
 
@@ -16,15 +18,18 @@ from typing import Dict, List, Set, Tuple
 import pytest
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent / "advtrain"
-UPPER = {"policies", "training", "evaluation", "diagnostics", "cli"}
+UPPER = {"policies", "training", "methods", "evaluation", "diagnostics", "study", "cli"}
 FORBIDDEN: Dict[str, Set[str]] = {
     "attacks": UPPER,
     "models": UPPER,
     "data": UPPER,
     "policies": UPPER - {"policies"},
-    "evaluation": {"training", "diagnostics", "cli"},
+    "evaluation": {"training", "methods", "diagnostics", "study", "cli"},
+    "training": {"methods", "diagnostics", "study", "cli"},
+    "methods": {"study", "cli"},
+    "diagnostics": {"study", "cli"},
 }
-CLI_MODULES = {"cli", "cli_errors", "__main__"}
+CLI_MODULES = {"cli", "cli_errors", "cli_methods", "cli_study", "__main__"}
 
 
 def module_name(path: Path, root: Path) -> str:
@@ -105,7 +110,7 @@ def test_the_import_graph_resolves_relative_and_package_imports():
     assert "advtrain.utils.progress" in graph["advtrain.training.trainer"]  # from ..utils.progress import ...
     assert "advtrain.utils.modes" in graph["advtrain.utils.batches"]  # from .modes import ...
     assert "advtrain.attacks" in graph["advtrain"]  # the package's __init__
-    assert part_of("advtrain.cli_errors") == part_of("advtrain.cli") == "cli"
+    assert part_of("advtrain.cli_errors") == part_of("advtrain.cli_study") == part_of("advtrain.cli") == "cli"
 
 
 @pytest.mark.parametrize("importer, source, expected", [

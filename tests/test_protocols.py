@@ -15,7 +15,7 @@ from _tiny_cifar import write_tiny_cifar10
 from advtrain import build_protocol_trainer, cli
 from advtrain.diagnostics import RobustnessDropMonitor
 from advtrain.models import ResNet18, SmallCNN
-from advtrain.training.protocols import PROTOCOLS, Protocol, get_protocol, method_settings, protocol_kwargs
+from advtrain.methods.protocols import PROTOCOLS, Protocol, get_protocol, method_settings, protocol_kwargs
 from advtrain.training.schedules import one_cycle_momentum_per_epoch, one_cycle_per_epoch
 
 

@@ -161,3 +161,10 @@ def test_a_study_killed_by_sigkill_resumes_to_the_same_table(data, tmp_path):
     assert "fgsm: finished in an earlier run" in done.stdout and "(1 done)" in done.stdout
     rows = json.loads((out / "results.json").read_text())["rows"]
     assert [r["status"] for r in rows] == ["finished", "finished"] and [r["epochs"] for r in rows] == [3, 3]
+
+
+def test_the_strength_part_records_only_methods_without_a_per_example_store(data, tmp_path):
+    spec = StudySpec(**{**SPEC.to_dict(), "methods": ("apart", "fgsm", "pgd"), "epochs": 1})
+    results = run_study(spec, tmp_path / "study", *data[1:], progress=False, log=lambda _: None)
+    assert {r["status"] for r in results["rows"]} == {"finished"}
+    assert set(results["strength"]["methods"]) == {"fgsm"}  # APART's store has no rows for test images

@@ -20,7 +20,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from .._validation import Radius, check_choice, check_positive_int, per_example
+from .._validation import Radius, check_bool, check_choice, check_positive_int, per_example
 from .base import Attack, BNMode, clip_to_ball_and_box, input_gradient
 from .losses import cross_entropy, dlr_loss, targeted_dlr_loss
 
@@ -48,12 +48,6 @@ def apgd_checkpoints(steps: int) -> List[int]:
             points.append(w)
         prev, cur = cur, cur + max(cur - prev - 0.03, 0.06)
     return points
-
-
-def _check_bool(value: object, name: str) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
-    return value
 
 
 class APGD(Attack):
@@ -129,7 +123,7 @@ class APGD(Attack):
         super().__init__(eps, norm=norm, bn_mode=bn_mode, check_inputs=check_inputs)
         self.steps = check_positive_int(steps, "steps")
         self.loss = check_choice(loss, "loss", APGD_LOSSES)
-        self.targeted = _check_bool(targeted, "targeted")
+        self.targeted = check_bool(targeted, "targeted")
         self.n_target_classes = check_positive_int(n_target_classes, "n_target_classes")
         self.norm = check_choice(norm, "norm", APGD_NORMS)
         self.restarts = check_positive_int(restarts, "restarts")

@@ -14,17 +14,11 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from .._validation import Radius, check_choice, check_eps, check_positive_int, check_radius, per_example
+from .._validation import Radius, check_bool, check_choice, check_eps, check_positive_int, check_radius, per_example
 from .base import Attack, BNMode, clip_to_ball_and_box, input_gradient
 from .losses import LossSpec, get_loss
 
 NORMS = ("linf", "l2")
-
-
-def _check_bool(value: object, name: str) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
-    return value
 
 
 def _radius(value: Radius, x: Tensor, name: str) -> Tensor:
@@ -104,7 +98,7 @@ class PGD(Attack):
         self.steps = check_positive_int(steps, "steps")
         self.step_size = None if step_size is None else check_radius(step_size, "step_size")
         self.norm = check_choice(norm, "norm", NORMS)
-        self.random_start = _check_bool(random_start, "random_start")
+        self.random_start = check_bool(random_start, "random_start")
         self.init_radius = None if init_radius is None else check_radius(init_radius, "init_radius")
         self.restarts = check_positive_int(restarts, "restarts")
         if self.restarts > 1 and not self.random_start:
@@ -112,8 +106,8 @@ class PGD(Attack):
                              "random start every restart computes the same perturbation)")
         self._loss_fn = get_loss(loss)
         self.loss = loss
-        self.targeted = _check_bool(targeted, "targeted")
-        self.project = _check_bool(project, "project")
+        self.targeted = check_bool(targeted, "targeted")
+        self.project = check_bool(project, "project")
 
     def perturb(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         if x.shape[0] == 0:

@@ -22,8 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._validation import Radius, check_choice, check_interval, check_positive_int, per_example
-from .apgd import _check_bool
+from .._validation import Radius, check_bool, check_choice, check_interval, check_positive_int, per_example
 from .base import Attack, BNMode
 
 SQUARE_LOSSES = ("margin", "ce")
@@ -129,7 +128,7 @@ class Square(Attack):
         self.p_init = check_interval(p_init, "p_init", 0.0, 1.0)
         self.loss = check_choice(loss, "loss", SQUARE_LOSSES)
         self.norm = check_choice(norm, "norm", SQUARE_NORMS)
-        self.rescale_schedule = _check_bool(rescale_schedule, "rescale_schedule")
+        self.rescale_schedule = check_bool(rescale_schedule, "rescale_schedule")
         self.seed = check_positive_int(seed, "seed", minimum=0)
         self._windows: Dict[int, Tensor] = {}
 

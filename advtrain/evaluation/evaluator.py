@@ -247,8 +247,8 @@ def evaluate(
             example classified correctly clean and reports each attack's own
             accuracy.
         masking_checks: run the cheap gradient-masking checks first;
-            ``None`` (the default) runs them for the ``"autoattack"`` and
-            ``"full"`` suites only.
+            ``None`` (the default) runs them for the ``"autoattack"``,
+            ``"standard"`` and ``"full"`` suites only.
 
     Returns:
         An :class:`EvaluationReport`.

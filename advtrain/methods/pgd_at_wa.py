@@ -33,7 +33,7 @@ class PGDATWATrainer(PGDTrainer):
     otherwise as the PGD preset: 10 steps, 30 epochs, cyclic LR to 0.2,
     momentum 0.9, weight decay 5e-4, ``pad_fill=0.0``; the benchmark's own
     recipe is the ``fastat`` protocol
-    (:func:`~advtrain.training.protocols.build_protocol_trainer`)."""
+    (:func:`~advtrain.methods.protocols.build_protocol_trainer`)."""
 
     def __init__(self, model: nn.Module, *, eps: float = EPS, steps: int = 10, step_size: Optional[float] = None,
                  weight_average: Union[float, WeightAverage] = TAU, **kwargs: Any) -> None:

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._validation import check_eps, check_positive_int, check_radius
+from .._validation import check_bool, check_eps, check_positive_int, check_radius
 from ..attacks.base import Attack, BNMode, clip_to_ball_and_box, input_gradient
 from ..policies.attack_policy import AttackPolicy
 from ..training.trainer import Trainer
@@ -41,12 +41,6 @@ def _check_quantile(value: object) -> float:
     if not (0.0 <= value <= 1.0):
         raise ValueError(f"quantile must lie in [0, 1] (a fraction of the gradient's components), got {value!r}")
     return float(value)
-
-
-def _check_bool(value: object, name: str) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
-    return value
 
 
 def _float32(value: float) -> float:
@@ -119,7 +113,7 @@ class ZeroGradAttack(Attack):
         self.quantile = _check_quantile(quantile)
         self.steps = check_positive_int(steps, "steps")
         self.step_size = 2.0 * eps if step_size is None else float(check_radius(step_size, "step_size"))
-        self.random_start = _check_bool(random_start, "random_start")
+        self.random_start = check_bool(random_start, "random_start")
 
     def perturb(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         eps = torch.full((x.shape[0], 1, 1, 1), float(self.eps), dtype=torch.float32, device=x.device)

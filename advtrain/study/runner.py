@@ -170,7 +170,7 @@ class Study:
     def _trainer(self, name: str, deadline: Optional[float], estimator: Estimator) -> Any:
         from ..methods import get_method
         from ..models import build_model
-        from ..training.protocols import build_protocol_trainer
+        from ..methods.protocols import build_protocol_trainer
 
         spec, method = self.spec, get_method(name)
         torch.manual_seed(spec.seed)  # every method starts from the same weights

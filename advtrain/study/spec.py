@@ -22,8 +22,10 @@ N-FGSM, ATTA-1, APART, PGD-10) and PGD-AT-WA, TRADES and FGSM-PGI."""
 REFERENCE_METHOD = "pgd"
 """The method every epoch-time ratio is taken against (PGD-10), and whose
 final model is the strength study's fixed reference."""
-STRENGTH_METHODS: Tuple[str, ...] = ("fgsm", "fgsm-rs", "apart")
-"""The methods whose training perturbations the strength study records."""
+STRENGTH_METHODS: Tuple[str, ...] = ("fgsm", "fgsm-rs")
+"""The methods whose training perturbations the strength study records: the
+single-step attacks without per-example state. The probes are test images,
+which a per-example store (ATTA, APART) holds no rows for."""
 
 
 @dataclass(frozen=True)

@@ -30,8 +30,10 @@ from typing import Any, Dict, Mapping, Optional
 from torch import nn
 
 from .._validation import check_positive_int
-from .schedules import cyclic_momentum, one_cycle_momentum_per_epoch, one_cycle_per_epoch, triangular
-from .trainer import Trainer, pgd20
+from ..models import build_model
+from ..training.schedules import cyclic_momentum, one_cycle_momentum_per_epoch, one_cycle_per_epoch, triangular
+from ..training.trainer import Trainer, pgd20
+from .registry import get_method
 
 SCHEDULES = ("onecycle-per-epoch", "cyclic")
 """The schedule kinds a :class:`Protocol` names: ``"onecycle-per-epoch"``
@@ -152,7 +154,6 @@ def method_settings(protocol: Any, method_name: str) -> Dict[str, Any]:
     ``method_name``: its module's ``FASTAT_CONFIG`` (for ``"fastat"``) or
     the protocol's own table, over the protocol's defaults. Keys:
     ``label_smoothing``, ``weight_average``, ``lr``, ``total_epoch``."""
-    from ..methods import get_method  # the methods sit above the training loop
 
     protocol = get_protocol(protocol)
     method = get_method(method_name)
@@ -215,8 +216,6 @@ def build_protocol_trainer(protocol: Any, method_name: str, model: Optional[nn.M
     keeps the model of best validation PGD accuracy (``best.pt`` in
     ``run_dir``, or in memory), unless ``callbacks`` is overridden.
     """
-    from ..methods import get_method
-    from ..models import build_model
 
     protocol = get_protocol(protocol)
     method = get_method(method_name)
@@ -224,7 +223,7 @@ def build_protocol_trainer(protocol: Any, method_name: str, model: Optional[nn.M
         model = build_model(protocol.model, num_classes=num_classes, **protocol.model_kwargs)
     kwargs = protocol_kwargs(protocol, method_name)
     if protocol.keep_best:
-        from ..diagnostics import RobustnessDropMonitor  # diagnostics sit above the training loop
+        from ..diagnostics import RobustnessDropMonitor
 
         kwargs["callbacks"] = [RobustnessDropMonitor()]
     kwargs.update(overrides)
