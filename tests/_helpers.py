@@ -54,3 +54,16 @@ def _trained(seed: int, n: int, steps: int):
     opt.zero_grad(set_to_none=True)
     model.eval()
     return model, sample(128)
+
+
+def kill_before_step(trainer, step: int) -> None:
+    """Make ``trainer`` raise KeyboardInterrupt before its optimizer step
+    number ``step + 1``, as a kill at that point would stop it."""
+    original = trainer.train_step
+
+    def train_step(batch):
+        if trainer.global_step == step:
+            raise KeyboardInterrupt("simulated kill")
+        return original(batch)
+
+    trainer.train_step = train_step

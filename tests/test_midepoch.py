@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from _helpers import kill_before_step
 from advtrain import PGD, AttackPolicy, Trainer, cli
 from advtrain.attacks import FGSMRS
 from advtrain.models import SmallCNN
@@ -52,18 +53,6 @@ def make_trainer(policy: str, run_dir, **kw) -> Trainer:
     return Trainer(model, POLICIES[policy](), **defaults)
 
 
-def kill_after(trainer: Trainer, step: int) -> None:
-    """Make ``trainer`` raise KeyboardInterrupt before optimizer step ``step + 1``."""
-    original = trainer.train_step
-
-    def train_step(batch):
-        if trainer.global_step == step:
-            raise KeyboardInterrupt("simulated kill")
-        return original(batch)
-
-    trainer.train_step = train_step  # type: ignore[method-assign]
-
-
 def without_times(records):
     return [{k: v for k, v in r.items() if not k.endswith("time")} for r in records]
 
@@ -91,7 +80,7 @@ def test_a_run_resumed_from_a_mid_epoch_checkpoint_equals_an_uninterrupted_one(t
 
     run = tmp_path / "killed"
     killed = make_trainer(policy, run)
-    kill_after(killed, kill)
+    kill_before_step(killed, kill)
     with pytest.raises(KeyboardInterrupt):
         killed.fit((x, y), eval_data=(x, y))
     saved = (kill // 3) * 3  # checkpoints every 3 steps; steps 4 and 8 end epochs
@@ -143,7 +132,7 @@ def test_checkpoint_note_says_what_is_on_disk(tmp_path):
 
     x, y = data()
     trainer = make_trainer("fgsm-rs", tmp_path)
-    kill_after(trainer, 7)
+    kill_before_step(trainer, 7)
     with pytest.raises(KeyboardInterrupt):
         trainer.fit((x, y))
     assert trainer.checkpoint_note() == f"checkpoint of step 6 (batch 2 of epoch 2) kept in {tmp_path / 'checkpoint.pt'}"

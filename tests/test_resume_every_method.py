@@ -12,6 +12,7 @@ from typing import Any, Dict
 import pytest
 import torch
 
+from _helpers import kill_before_step
 from advtrain.methods import METHODS
 from advtrain.models import SmallCNN
 from advtrain.training import Trainer
@@ -54,18 +55,6 @@ def make(name: str, run_dir, where: str, init_seed: int = 0, **kw: Any) -> Train
     # makes fewer passes: ask for as many as give two passes over the data.
     epochs = EPOCHS * EPOCHS // probe.epochs
     return METHODS[name].build(model, epochs=epochs, **settings)
-
-
-def kill_before_step(trainer: Trainer, step: int) -> None:
-    """Make ``trainer`` raise KeyboardInterrupt before its optimizer step number ``step + 1``."""
-    original = trainer.train_step
-
-    def train_step(batch):
-        if trainer.global_step == step:
-            raise KeyboardInterrupt("simulated kill")
-        return original(batch)
-
-    trainer.train_step = train_step  # type: ignore[method-assign]
 
 
 def assert_same(a: Any, b: Any, where: str) -> None:
