@@ -26,7 +26,7 @@ def test_the_dry_run_writes_the_benchmark_and_the_study_into_one_folder(tmp_path
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert "torch" in (out / "environment.txt").read_text()
     bench = (out / "benchmarks.md").read_text()
-    assert "| PGD-10 |" in bench or "PGD-10" in bench
+    assert "| pgd |" in bench and "| apart |" in bench and "| baseline (plain PyTorch PGD-10) |" in bench
     results = json.loads((out / "study" / "results.json").read_text())
     assert [r["method"] for r in results["rows"]] == ["pgd", "apart"]  # PGD-10 and APART first, as given
     assert results["rows"][0]["epochs"] >= 1 and (out / "study" / "results.md").is_file()
