@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence, Tuple
 
 from .cli_errors import device_problem, os_error_line, runtime_error_line
-from .cli_methods import add_method_arguments, method_kwargs
+from .cli_methods import add_method_arguments, flag, method_kwargs
 from .cli_study import add_study_parser
 from .config import RESERVED, load_config, resolve_config
 from .distributed import init_distributed, rank as process_rank, shutdown_distributed
@@ -271,12 +271,18 @@ def _train_parser(sub: Any) -> argparse.ArgumentParser:
 def apply_scale(args: argparse.Namespace) -> argparse.Namespace:
     """Fill ``--model``, ``--train-examples``, ``--epochs`` and
     ``--eval-examples`` left unset from ``--scale`` (the gpu size when no scale
-    is given); values given on the command line or in a config file win.
-    Idempotent, and returns ``args``."""
+    is given), and, when the run trains the scale's model, the method options
+    the scale sets for ``--method``
+    (:attr:`~advtrain.training.scales.Scale.method_options`); values given on
+    the command line or in a config file win. Idempotent, and returns ``args``."""
     scale = get_scale(args.scale or "gpu")
     for key in ("model", "train_examples", "epochs", "eval_examples"):
         if getattr(args, key, None) is None:
             setattr(args, key, getattr(scale, key))
+    if args.model == scale.model:  # the options are for the scale's model
+        for key, value in scale.method_options.get(getattr(args, "method", None), {}).items():
+            if getattr(args, key, None) is None:
+                setattr(args, key, value)
     return args
 
 
@@ -310,8 +316,13 @@ def _size_note(args: argparse.Namespace, n_train: int) -> Optional[str]:
         images = "all" if args.train_examples is None else f"the first {args.train_examples:,}"
         epochs = ("the method's epochs" if args.epochs is None
                   else f"{args.epochs} epoch" + ("s" if args.epochs != 1 else ""))
+        scale = get_scale(args.scale)
+        chosen = [f"{flag(key)} {value:g}" if isinstance(value, float) else f"{flag(key)} {value}"
+                  for key, value in scale.method_options.get(args.method, {}).items()
+                  if getattr(args, key, None) == value]
+        recipe = f"; {args.method} with {', '.join(chosen)} for this size" if chosen else ""
         return (f"scale {args.scale}: {args.model} on {images} training images for {epochs}, "
-                f"{args.eval_examples:,} test images per evaluation ({get_scale(args.scale).purpose})")
+                f"{args.eval_examples:,} test images per evaluation{recipe} ({scale.purpose})")
     import torch
 
     from .utils.devices import default_device

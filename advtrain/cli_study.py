@@ -93,8 +93,12 @@ def study_spec(args: argparse.Namespace) -> Any:
     scale = get_scale(args.scale)
     model_kwargs = {} if args.width is None else {"width": args.width}
     methods = args.methods or [n for n in DEFAULT_METHODS if n in METHODS]
+    model = args.model or scale.model
+    # The scale's options are for its own model (as for `advtrain train --scale`).
+    method_options = ({name: dict(options) for name, options in scale.method_options.items() if name in methods}
+                      if model == scale.model else {})
     return StudySpec(methods=tuple(methods), protocol=None if args.protocol == "none" else args.protocol,
-                     model=args.model or scale.model, model_kwargs=model_kwargs,
+                     model=model, model_kwargs=model_kwargs, method_options=method_options,
                      train_examples=args.train_examples or scale.train_examples,
                      epochs=args.epochs or scale.epochs, eval_examples=args.eval_examples or scale.eval_examples,
                      eps=args.eps, batch_size=args.batch_size, seed=args.seed, strength=args.strength,

@@ -72,3 +72,38 @@ def test_a_full_size_run_on_the_cpu_says_how_to_get_a_short_one(data_dir, tmp_pa
     assert cli.main(["train", "--method", "fgsm", "--data", str(data_dir), "--model", "smallcnn", "--epochs", "1",
                      "--eval-examples", "16", "--batch-size", "32", "--no-progress", "--device", "cpu"]) == 0
     assert capsys.readouterr().out.splitlines()[0].startswith("note: this run trains on 64 images")
+
+
+def test_the_cpu_scale_sets_aparts_step_decay_for_its_small_model_only():
+    cpu = SCALES["cpu"]
+    assert dict(cpu.method_options) == {"apart": {"step_weight_decay": 400.0}}
+    args = cli.apply_scale(_args("--method", "apart", "--scale", "cpu"))
+    assert args.step_weight_decay == 400.0
+    assert "apart with --step-weight-decay 400 for this size" in cli._size_note(args, 10_000)
+    trainer = cli.build_trainer(_args("--method", "apart", "--scale", "cpu", "--device", "cpu", "--no-progress"),
+                                num_classes=10)
+    assert trainer.policy.weight_decay == 400.0
+    # a value given wins, and the first line then claims no scale option
+    args = cli.apply_scale(_args("--method", "apart", "--scale", "cpu", "--step-weight-decay", "1200"))
+    assert args.step_weight_decay == 1200.0 and "--step-weight-decay" not in cli._size_note(args, 10_000)
+    # another model, another scale or another method: the preset's own value
+    assert cli.apply_scale(_args("--method", "apart", "--scale", "cpu", "--model", "preactresnet18")
+                           ).step_weight_decay is None
+    assert cli.apply_scale(_args("--method", "apart", "--scale", "gpu")).step_weight_decay is None
+    assert cli.apply_scale(_args("--method", "fgsm-rs", "--scale", "cpu")).step_weight_decay is None
+
+
+def test_a_config_files_step_decay_wins_over_the_scale_and_the_run_records_what_it_used(data_dir, tmp_path,
+                                                                                          capsys):
+    config = tmp_path / "apart.toml"
+    config.write_text("step_weight_decay = 800.0\n")
+    out = tmp_path / "from-config"
+    common = ["train", "--method", "apart", "--data", str(data_dir), "--scale", "cpu", "--epochs", "1",
+              "--train-examples", "64", "--eval-examples", "16", "--batch-size", "32", "--no-progress",
+              "--device", "cpu"]
+    assert cli.main(common + ["--config", str(config), "--out", str(out)]) == 0
+    assert json.loads((out / "config.json").read_text())["step_weight_decay"] == 800.0
+    out = tmp_path / "from-scale"
+    assert cli.main(common + ["--out", str(out)]) == 0
+    assert "apart with --step-weight-decay 400" in capsys.readouterr().out
+    assert json.loads((out / "config.json").read_text())["step_weight_decay"] == 400.0

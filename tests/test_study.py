@@ -168,3 +168,25 @@ def test_the_strength_part_records_only_methods_without_a_per_example_store(data
     results = run_study(spec, tmp_path / "study", *data[1:], progress=False, log=lambda _: None)
     assert {r["status"] for r in results["rows"]} == {"finished"}
     assert set(results["strength"]["methods"]) == {"fgsm"}  # APART's store has no rows for test images
+
+
+def test_the_cpu_scale_gives_apart_its_step_decay_in_a_study_and_the_spec_records_it(data, tmp_path):
+    from advtrain.cli_study import study_spec
+
+    def spec_of(*argv):
+        return study_spec(cli.make_parser().parse_args(["study", "--data", "d", "--out", "o", *argv]))
+
+    assert spec_of("--methods", "fgsm,apart").method_options == {"apart": {"step_weight_decay": 400.0}}
+    assert spec_of("--methods", "fgsm").method_options == {}
+    assert spec_of("--methods", "apart", "--model", "preactresnet18").method_options == {}
+    assert spec_of("--methods", "apart", "--scale", "gpu").method_options == {}
+    spec = StudySpec(**{**SPEC.to_dict(), "methods": ("apart",), "strength": False,
+                        "method_options": {"apart": {"step_weight_decay": 400.0}}})
+    assert StudySpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+    study = _study(data, tmp_path / "study", spec=spec)
+    trainer = study._trainer("apart", None, study.estimator())
+    assert trainer.policy.weight_decay == 400.0
+    with pytest.raises(ValueError, match="not among the methods"):
+        StudySpec(methods=("fgsm",), method_options={"apart": {"step_weight_decay": 400.0}})
+    with pytest.raises(ValueError, match="takes no option steps"):
+        StudySpec(methods=("apart",), method_options={"apart": {"steps": 3}})

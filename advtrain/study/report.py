@@ -101,6 +101,10 @@ def render_markdown(results: Dict[str, Any], figures: Sequence[str] = ()) -> str
             f"{'all' if spec['train_examples'] is None else format(spec['train_examples'], ',')} training images, "
             f"{spec['epochs'] or 'the preset’s'} epochs, ε = {spec['eps'] * 255:.3g}/255, "
             f"protocol {spec['protocol'] or 'none (each preset)'}")
+    options = spec.get("method_options") or {}  # absent from results of earlier versions
+    if options:
+        size += "; " + "; ".join(f"{name} with " + ", ".join(f"{key} = {value}" for key, value in opts.items())
+                                 for name, opts in options.items())
     lines = [
         "# Study results", "",
         f"- Setting: {size}; accuracies on the first {spec['eval_examples']:,} CIFAR-10 test images.",

@@ -182,6 +182,7 @@ class Study:
             kwargs["epochs"] = spec.epochs
         if "eps" in method.options:
             kwargs["eps"] = spec.eps
+        kwargs.update(spec.method_options.get(name, {}))
         if spec.protocol is None:
             trainer = method.build(model, **kwargs)
         else:

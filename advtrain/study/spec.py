@@ -44,6 +44,9 @@ class StudySpec:
     ``batch_size``, ``seed``: as for ``advtrain train``. ``strength``: also
     run the perturbation-strength study on ``strength_examples`` test images.
     ``scale``: the name of the scale the sizes came from, for the record.
+    ``method_options``: per method in ``methods``, preset options that win
+    over the protocol's and the preset's (``{"apart": {"step_weight_decay":
+    400.0}}``, what ``advtrain study --scale cpu`` sets from the scale).
     """
 
     methods: Tuple[str, ...] = DEFAULT_METHODS
@@ -59,6 +62,7 @@ class StudySpec:
     strength: bool = False
     strength_examples: int = 500
     scale: Optional[str] = None
+    method_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         from ..methods import get_method  # refuses an unknown name, naming the known ones
@@ -69,6 +73,13 @@ class StudySpec:
             raise ValueError(f"methods lists a method twice: {', '.join(self.methods)}")
         for name in self.methods:
             get_method(name)
+        for name, options in self.method_options.items():
+            if name not in self.methods:
+                raise ValueError(f"method_options names {name!r}, which is not among the methods "
+                                 f"({', '.join(self.methods)})")
+            unknown = sorted(set(options) - set(get_method(name).options))
+            if unknown:
+                raise ValueError(f"method_options for {name}: {name} takes no option {', '.join(unknown)}")
         if self.train_examples is not None:
             check_positive_int(self.train_examples, "train_examples")
         if self.epochs is not None:
@@ -83,6 +94,7 @@ class StudySpec:
         record = asdict(self)
         record["methods"] = list(self.methods)
         record["model_kwargs"] = dict(self.model_kwargs)
+        record["method_options"] = {name: dict(options) for name, options in self.method_options.items()}
         return record
 
     @classmethod
