@@ -26,6 +26,7 @@ from ..policies.attack_policy import CleanPolicy
 from ..policies.base import LossContext, PerturbationPolicy, PolicyContext
 from ..utils.batches import batched_correctness
 from ..utils.devices import default_device
+from ..utils.memory_format import unsafe_channels_last_convs
 from ..utils.precision import mixed_precision, precision_dtype
 from ..utils.progress import progress_bar
 from .atomic import remove_stale_temp_files
@@ -109,6 +110,10 @@ class Trainer:
             or ``"bf16"``.
         channels_last: use channels-last memory format (default: on, on every
             device: convolutions run faster in it on CUDA and on the CPU alike).
+            On the CPU a model with a strided 1×1 convolution of fewer than 16
+            input channels trains in contiguous format, with a warning: oneDNN
+            computes that convolution's weight gradient wrongly in
+            channels-last format (:mod:`advtrain.utils.memory_format`).
         compile: wrap the model in :func:`torch.compile` for training and attacks
             (two graphs: the attacks' forward with the parameters detached, so
             that its backward computes no weight gradients, and the training
@@ -245,6 +250,14 @@ class Trainer:
         else:
             self.device = default_device()
         self.channels_last = True if channels_last is None else bool(channels_last)
+        unsafe = unsafe_channels_last_convs(model) if self.channels_last and self.device.type == "cpu" else []
+        if unsafe:
+            warnings.warn(f"training in contiguous memory format, not channels-last: {unsafe[0]}"
+                          + (f" (and {len(unsafe) - 1} more)" if len(unsafe) > 1 else "")
+                          + " is a strided 1x1 convolution with fewer than 16 input channels, whose channels-last "
+                          "weight gradient oneDNN's CPU kernel computes wrongly or with memory corruption "
+                          "(oneDNN issue #6035)", UserWarning, stacklevel=2)
+            self.channels_last = False
         self.model = model.to(self.device)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
