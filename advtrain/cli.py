@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence, Tuple
 
 from .cli_errors import device_problem, os_error_line, runtime_error_line
-from .cli_methods import add_method_arguments, flag, method_kwargs
+from .cli_methods import add_method_arguments, flag_and_value, method_kwargs
 from .cli_study import add_study_parser
 from .config import RESERVED, load_config, resolve_config
 from .distributed import init_distributed, rank as process_rank, shutdown_distributed
@@ -317,8 +317,7 @@ def _size_note(args: argparse.Namespace, n_train: int) -> Optional[str]:
         epochs = ("the method's epochs" if args.epochs is None
                   else f"{args.epochs} epoch" + ("s" if args.epochs != 1 else ""))
         scale = get_scale(args.scale)
-        chosen = [f"{flag(key)} {value:g}" if isinstance(value, float) else f"{flag(key)} {value}"
-                  for key, value in scale.method_options.get(args.method, {}).items()
+        chosen = [flag_and_value(key, value) for key, value in scale.method_options.get(args.method, {}).items()
                   if getattr(args, key, None) == value]
         recipe = f"; {args.method} with {', '.join(chosen)} for this size" if chosen else ""
         return (f"scale {args.scale}: {args.model} on {images} training images for {epochs}, "

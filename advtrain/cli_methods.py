@@ -167,6 +167,12 @@ def _join(names: Sequence[str], word: str) -> str:
     return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} {word} {names[-1]}"
 
 
+def flag_and_value(option: str, value: Any) -> str:
+    """How the command line writes ``option`` set to ``value``
+    (``--step-weight-decay 400``)."""
+    return f"{flag(option)} {value:g}" if isinstance(value, float) else f"{flag(option)} {value}"
+
+
 def method_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
     """The preset keywords of ``args.method`` that the command sets: every
     method option given a value. A value for an option the method does not
@@ -191,5 +197,6 @@ def method_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
     return kwargs
 
 
-__all__ = ["OPTION_CHOICES", "OPTION_HELP", "OPTION_PARSERS", "add_method_arguments", "flag", "method_kwargs",
+__all__ = ["OPTION_CHOICES", "OPTION_HELP", "OPTION_PARSERS", "add_method_arguments", "flag", "flag_and_value",
+           "method_kwargs",
            "options", "parse_names", "takers"]

@@ -7,6 +7,7 @@ import shlex
 from pathlib import Path
 from typing import Any, List, Optional, Sequence
 
+from .cli_methods import flag_and_value
 from .methods import METHODS
 from .study.plan import ORDERS
 from .study.spec import DEFAULT_METHODS
@@ -121,8 +122,10 @@ def run_study_command(args: argparse.Namespace, argv: Optional[Sequence[str]] = 
     command = "advtrain study " + " ".join(shlex.quote(a) for a in (argv or []))
     if not args.report_only:
         print(f"study of {len(spec.methods)} methods in {args.out}: {spec.model} on "
-              f"{len(study.train):,} images, {spec.epochs or 'the preset'} epochs, protocol {spec.protocol}; "
-              f"order {', '.join(study.order)}", flush=True)
+              f"{len(study.train):,} images, {spec.epochs or 'the preset'} epochs, protocol {spec.protocol}"
+              + "".join(f"; {name} with " + ", ".join(flag_and_value(key, value) for key, value in options.items())
+                        for name, options in spec.method_options.items())
+              + f"; order {', '.join(study.order)}", flush=True)
         try:
             study.run()
         except KeyboardInterrupt:

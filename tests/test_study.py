@@ -135,6 +135,13 @@ def test_the_cli_runs_a_study_and_records_the_command(data, tmp_path, capsys):
     results = json.loads((out / "results.json").read_text())
     assert results["command"] == "advtrain study " + " ".join(argv[1:])
     assert results["spec"]["model_kwargs"] == {"width": 4} and results["spec"]["scale"] == "cpu"
+    assert results["spec"]["method_options"] == {}  # no APART here: nothing of the scale's
+    out = tmp_path / "apart-study"
+    assert cli.main(["study", "--data", str(root), "--out", str(out), "--methods", "apart"] + argv[7:]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.endswith("protocol apart; apart with --step-weight-decay 400; order apart")
+    assert json.loads((out / "study.json").read_text())["method_options"] == {"apart": {"step_weight_decay": 400.0}}
+    assert "apart with step_weight_decay = 400.0" in (out / "results.md").read_text()
     assert cli.main(["study", "--data", str(root), "--out", str(out), "--methods", "fgsm,nosuch"]) == 2
     assert "unknown method nosuch" in capsys.readouterr().err
 
