@@ -190,6 +190,9 @@ def test_the_cpu_scale_gives_apart_its_step_decay_in_a_study_and_the_spec_record
     spec = StudySpec(**{**SPEC.to_dict(), "methods": ("apart",), "strength": False,
                         "method_options": {"apart": {"step_weight_decay": 400.0}}})
     assert StudySpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+    earlier = {k: v for k, v in spec.to_dict().items() if k != "method_options"}  # a study.json of before
+    assert StudySpec.from_dict(earlier).differences(spec) == [
+        "method_options: {} -> {'apart': {'step_weight_decay': 400.0}}"]
     study = _study(data, tmp_path / "study", spec=spec)
     trainer = study._trainer("apart", None, study.estimator())
     assert trainer.policy.weight_decay == 400.0
