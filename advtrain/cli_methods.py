@@ -198,5 +198,4 @@ def method_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
 
 
 __all__ = ["OPTION_CHOICES", "OPTION_HELP", "OPTION_PARSERS", "add_method_arguments", "flag", "flag_and_value",
-           "method_kwargs",
-           "options", "parse_names", "takers"]
+           "method_kwargs", "options", "parse_names", "takers"]
