@@ -279,10 +279,9 @@ def apply_scale(args: argparse.Namespace) -> argparse.Namespace:
     for key in ("model", "train_examples", "epochs", "eval_examples"):
         if getattr(args, key, None) is None:
             setattr(args, key, getattr(scale, key))
-    if args.model == scale.model:  # the options are for the scale's model
-        for key, value in scale.method_options.get(getattr(args, "method", None), {}).items():
-            if getattr(args, key, None) is None:
-                setattr(args, key, value)
+    for key, value in scale.options_for(getattr(args, "method", None), args.model).items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
     return args
 
 
@@ -317,7 +316,7 @@ def _size_note(args: argparse.Namespace, n_train: int) -> Optional[str]:
         epochs = ("the method's epochs" if args.epochs is None
                   else f"{args.epochs} epoch" + ("s" if args.epochs != 1 else ""))
         scale = get_scale(args.scale)
-        chosen = [flag_and_value(key, value) for key, value in scale.method_options.get(args.method, {}).items()
+        chosen = [flag_and_value(key, value) for key, value in scale.options_for(args.method, args.model).items()
                   if getattr(args, key, None) == value]
         recipe = f"; {args.method} with {', '.join(chosen)} for this size" if chosen else ""
         return (f"scale {args.scale}: {args.model} on {images} training images for {epochs}, "

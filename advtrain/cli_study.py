@@ -95,9 +95,7 @@ def study_spec(args: argparse.Namespace) -> Any:
     model_kwargs = {} if args.width is None else {"width": args.width}
     methods = args.methods or [n for n in DEFAULT_METHODS if n in METHODS]
     model = args.model or scale.model
-    # The scale's options are for its own model (as for `advtrain train --scale`).
-    method_options = ({name: dict(options) for name, options in scale.method_options.items() if name in methods}
-                      if model == scale.model else {})
+    method_options = {name: options for name in methods if (options := scale.options_for(name, model))}
     return StudySpec(methods=tuple(methods), protocol=None if args.protocol == "none" else args.protocol,
                      model=model, model_kwargs=model_kwargs, method_options=method_options,
                      train_examples=args.train_examples or scale.train_examples,

@@ -34,6 +34,12 @@ class Scale:
     purpose: str
     method_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
+    def options_for(self, method: Optional[str], model: Optional[str]) -> Dict[str, Any]:
+        """The options this scale sets for ``method`` when the run trains
+        ``model``: its :attr:`method_options` for the scale's own model, none
+        for another (they were chosen for the scale's model)."""
+        return dict(self.method_options.get(method, {})) if model == self.model else {}
+
 
 SCALES: Dict[str, Scale] = {s.name: s for s in (
     Scale("cpu", model="smallcnn", train_examples=10_000, epochs=10, eval_examples=1000,
