@@ -21,7 +21,9 @@ def test_the_strided_narrow_1x1_convolutions_are_found():
                            nn.Conv2d(32, 32, 1, stride=2, groups=4), nn.Conv2d(32, 32, 1, stride=2))
     # stride 1 and 3x3 kernels are safe; 8 channels per group is not; 32 in 4 groups is 8 per group
     assert unsafe_channels_last_convs(narrow) == ["2", "3"]
-    assert SAFE_1X1_CHANNELS == 16
+    # at the threshold itself the kernel is safe
+    assert unsafe_channels_last_convs(nn.Conv2d(SAFE_1X1_CHANNELS, 8, 1, stride=2)) == []
+    assert unsafe_channels_last_convs(nn.Conv2d(SAFE_1X1_CHANNELS - 1, 8, 1, stride=2)) == [""]
 
 
 def test_a_model_with_one_trains_in_contiguous_format_on_the_cpu_with_a_warning():

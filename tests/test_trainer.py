@@ -358,6 +358,7 @@ def test_probability_outputs_warn_once_when_training_starts(recwarn):
 
 # ----------------------------------------------------------------- real data
 @pytest.mark.realdata
+@pytest.mark.slow  # about a minute on 2 cores: run with the slow tests, keeping the README's command short
 def test_pgd_training_is_more_robust_than_standard_training(cifar10_dir):
     train = cifar10(cifar10_dir, train=True).subset(4000)
     test = cifar10(cifar10_dir, train=False)
